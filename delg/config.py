@@ -1,0 +1,210 @@
+"""Configuration: YAML files + dotted command-line overrides, validated against the defaults.
+
+The schema is the union of the section files in ``delg/conf/*.yaml`` (``base.yaml`` holds the top-level keys,
+``<section>.yaml`` holds the keys of ``<section>``).  A user config (``configs/*.yaml``) and the command line may
+only set keys that exist there: an unknown key is an error naming the key and the nearest valid one.  A key whose
+default is ``null`` accepts any value (lists, dicts, strings), so free-form settings stay possible.
+
+    conf = load_config("configs/demo.yaml", ["model.backbone=resnet101", "overwrite=true"])
+    conf.model.backbone  # 'resnet101'
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key (and file) at fault."""
+
+
+class Config(dict):
+    """A dict with attribute access (``conf.model.backbone``); nested dicts are Configs too."""
+
+    def __init__(self, data: Mapping[str, Any] | None = None) -> None:
+        super().__init__()
+        for k, v in (data or {}).items():
+            self[k] = Config(v) if isinstance(v, Mapping) else v
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self[name] = Config(value) if isinstance(value, Mapping) and not isinstance(value, Config) else value
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v.to_dict() if isinstance(v, Config) else copy.deepcopy(v) for k, v in self.items()}
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def default_schema() -> dict[str, Any]:
+    """The full default config: base.yaml at top level, every other ``conf/<section>.yaml`` under ``<section>``."""
+    schema = _read_yaml(CONF_DIR / "base.yaml")
+    for f in sorted(CONF_DIR.glob("*.yaml")):
+        if f.stem != "base":
+            schema[f.stem] = _read_yaml(f)
+    return schema
+
+
+def _all_keys(d: Mapping[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        out.append(prefix + k)
+        if isinstance(v, Mapping):
+            out.extend(_all_keys(v, prefix + k + "."))
+    return out
+
+
+def _unknown(key: str, schema: Mapping[str, Any], source: str) -> ConfigError:
+    near = difflib.get_close_matches(key, _all_keys(schema), n=1, cutoff=0.5)
+    hint = f" (did you mean '{near[0]}'?)" if near else ""
+    return ConfigError(f"{source}: unknown config key '{key}'{hint}")
+
+
+def _merge(dst: dict[str, Any], src: Mapping[str, Any], schema: Mapping[str, Any], source: str, prefix: str = "") -> None:
+    """Merge ``src`` into ``dst`` in place, checking every key against ``schema``."""
+    for k, v in src.items():
+        full = prefix + str(k)
+        if k not in schema:
+            raise _unknown(full, _root_schema(schema, prefix), source)
+        sub = schema[k]
+        if isinstance(sub, Mapping):
+            if v is None:
+                continue
+            if not isinstance(v, Mapping):
+                raise ConfigError(f"{source}: '{full}' is a section; give its keys (e.g. {full}.{next(iter(sub), 'key')}=...)")
+            _merge(dst[k], v, sub, source, full + ".")
+        else:
+            dst[k] = copy.deepcopy(v)
+
+
+_ROOT: dict[str, Any] = {}
+
+
+def _root_schema(schema: Mapping[str, Any], prefix: str) -> Mapping[str, Any]:
+    # Nearest-key suggestions are made against the whole schema so that 'backbon' suggests 'model.backbone'.
+    return _ROOT or schema
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``'a.b=value'`` -> ``('a.b', value)``; the value is parsed as YAML (``true``, ``3``, ``[a, b]``)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key=value (e.g. model.backbone=resnet101)")
+    key, raw = text.split("=", 1)
+    key = key.strip().lstrip("-")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _nest(key: str, value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    cur = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    return out
+
+
+def _load_file_chain(path: Path, schema: Mapping[str, Any], seen: tuple[Path, ...] = ()) -> list[tuple[Path, dict[str, Any]]]:
+    """A config may name a parent with ``_base_: other.yaml`` (relative to itself); parents come first."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: _base_ cycle")
+    data = _read_yaml(path)
+    chain: list[tuple[Path, dict[str, Any]]] = []
+    base = data.pop("_base_", None)
+    if base:
+        chain.extend(_load_file_chain((path.parent / base), schema, (*seen, path)))
+    chain.append((path, data))
+    return chain
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """Find a config by path, or by name in ``configs/`` (``demo`` -> ``configs/demo.yaml``)."""
+    p = Path(path)
+    for cand in (p, REPO_ROOT / p, REPO_ROOT / "configs" / p, REPO_ROOT / "configs" / f"{p}.yaml"):
+        if cand.is_file():
+            return cand
+    raise ConfigError(f"config file not found: {path}")
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Defaults, then the config file (and its ``_base_`` chain), then the overrides, in that order.
+
+    An override ``config=FILE`` among ``overrides`` is the same as ``path=FILE``.
+    """
+    global _ROOT
+    schema = default_schema()
+    _ROOT = schema
+    conf = copy.deepcopy(schema)
+    overrides = list(overrides)
+    rest = []
+    for o in overrides:
+        k, v = parse_override(o)
+        if k == "config":
+            path = v
+        else:
+            rest.append((o, k, v))
+    if path is not None:
+        for f, data in _load_file_chain(resolve_config_path(path), schema):
+            _merge(conf, data, schema, str(f))
+    for o, k, v in rest:
+        _merge(conf, _nest(k, v), schema, f"override '{o}'")
+    return Config(conf)
+
+
+def dump_config(conf: Mapping[str, Any], path: str | Path) -> Path:
+    """Write the resolved config as YAML (atomically) and return its path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = conf.to_dict() if isinstance(conf, Config) else dict(conf)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+    tmp.replace(path)
+    return path
+
+
+def split_cli(argv: list[str]) -> tuple[str | None, list[str]]:
+    """``['--config', 'x.yaml', 'a=1']`` -> ``('x.yaml', ['a=1'])``; also accepts ``--config=x.yaml``."""
+    path = None
+    rest: list[str] = []
+    it = iter(argv)
+    for a in it:
+        if a == "--config":
+            path = next(it, None)
+            if path is None:
+                raise ConfigError("--config needs a file")
+        elif a.startswith("--config="):
+            path = a.split("=", 1)[1]
+        elif a in ("-h", "--help"):
+            rest.append(a)
+        else:
+            rest.append(a)
+    return path, rest

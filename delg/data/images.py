@@ -1,0 +1,101 @@
+"""The one image loader of the project.
+
+Every stage (extraction, verification, the report, training) reads images through :func:`load_image`, so EXIF
+orientation, colour modes and query cropping are handled the same way everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+# Large photos are legitimate here (the 1M distractors include some); keep PIL's bomb check but raise the limit.
+Image.MAX_IMAGE_PIXELS = 20000 * 20000
+
+
+class ImageReadError(RuntimeError):
+    """An image could not be read or decoded; the message names the file."""
+
+
+BBox = tuple[float, float, float, float]
+
+
+def load_pil(path: str | Path, crop: BBox | Sequence[float] | None = None) -> Image.Image:
+    """Open an image as RGB, EXIF-rotated, optionally cropped to ``crop = (x1, y1, x2, y2)``.
+
+    The crop follows revisitop's ``PIL.Image.crop(bbx)`` exactly (coordinates rounded to the nearest pixel),
+    applied in the orientation in which the ground truth was drawn (after EXIF rotation).
+    Grayscale, palette, CMYK and alpha images are converted to RGB (alpha composited on white).
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            im = _to_rgb(im)
+    except FileNotFoundError:
+        raise ImageReadError(f"{path}: file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageReadError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
+    if crop is not None:
+        x1, y1, x2, y2 = (float(c) for c in crop)
+        if not (x2 > x1 and y2 > y1):
+            raise ImageReadError(f"{path}: empty crop box {tuple(crop)}")
+        im = im.crop((x1, y1, x2, y2))
+    return im
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        bg = Image.new("RGB", rgba.size, (255, 255, 255))
+        bg.paste(rgba, mask=rgba.getchannel("A"))
+        return bg
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(im, dtype=np.float64)
+        arr = (255 * (arr - arr.min()) / max(arr.max() - arr.min(), 1)).astype(np.uint8)
+        return Image.fromarray(arr).convert("RGB")
+    return im.convert("RGB")
+
+
+def load_image(path: str | Path, crop: BBox | Sequence[float] | None = None) -> np.ndarray:
+    """Read an image as an ``(H, W, 3)`` uint8 RGB array (see :func:`load_pil`)."""
+    return np.asarray(load_pil(path, crop))
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """``(width, height)`` after EXIF rotation, read from the header only."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            orientation = im.getexif().get(0x0112, 1)
+    except FileNotFoundError:
+        raise ImageReadError(f"{path}: file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageReadError(f"{path}: cannot read image header ({type(e).__name__}: {e})") from None
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def resize_max_side(im: Image.Image, max_side: int | None) -> Image.Image:
+    """Downscale so that the long side is at most ``max_side`` (never upscales); bilinear with antialiasing."""
+    if not max_side or max(im.size) <= max_side:
+        return im
+    s = max_side / max(im.size)
+    size = (max(1, round(im.width * s)), max(1, round(im.height * s)))
+    return im.resize(size, Image.BILINEAR)
+
+
+def list_images(root: str | Path) -> list[Path]:
+    """All images under ``root`` (recursively, any common format), sorted for determinism."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
