@@ -1,0 +1,30 @@
+# Two commands on a fresh machine:   make demo   |   make test
+# Both create .venv (Python >= 3.11) and install the project into it first.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test lint clean-outputs
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required (kornia 0.9); set PYTHON=python3.11")'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[cpu,dev]'
+	@touch $(STAMP)
+
+# The whole pipeline on the embedded benchmark: build it, extract, search, rerank, evaluate, report.
+demo: setup
+	bash perform_retrieval.sh --config configs/demo.yaml
+
+test: setup lint
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean-outputs:
+	rm -rf outputs
