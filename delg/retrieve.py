@@ -1,0 +1,276 @@
+"""The main job: global search, reranking with each configured verifier, evaluation, results.json and report.html.
+
+    python -m delg.retrieve --config configs/demo.yaml [key=value ...]     (perform_retrieval.sh)
+    python -m delg.retrieve query=photo.jpg                                search with a new photo
+
+Every earlier stage it needs (the embedded benchmark, the features, the index) is built when missing and reused
+when present.  Images that cannot be read are skipped and reported: a skipped database image ranks last for every
+query (the database and the ground truth stay as they are, so nothing flatters the score), a skipped query is left
+out of the evaluation and counted, and ``results.json`` says the run was incomplete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from delg.config import Config, ConfigError, dump_config, load_config, split_cli
+from delg.data.dataset import RetrievalDataset, load_dataset
+from delg.data.revisitop import GroundTruth
+from delg.evaluate import evaluate, format_table
+
+log = logging.getLogger("delg.retrieve")
+
+DEFAULT_CONFIG = "configs/demo.yaml"
+# rerank's protocol names -> evaluator's
+_PROTOCOL_KEY = {"easy": "E", "medium": "M", "hard": "H"}
+
+
+def _stored_names(conf: Config, dataset: RetrievalDataset, split: str) -> set[str]:
+    from delg.extract import preset_name, store_path
+    from delg.store import FeatureStore
+
+    with FeatureStore(store_path(conf, dataset.name, split), "r", preset=preset_name(conf)) as st:
+        return set(st.names())
+
+
+def _subset_gnd(gnd: GroundTruth, keep: Sequence[int]) -> GroundTruth:
+    return replace(gnd, qimlist=[gnd.qimlist[j] for j in keep], gnd=[gnd.gnd[j] for j in keep])
+
+
+def _skipped_report(dataset: RetrievalDataset, missing_db: list[int], missing_q: list[int], conf: Config) -> list[dict]:
+    """One entry per image that has no features, with the reason the extraction recorded."""
+    from delg.extract import sidecar, store_path
+
+    reasons: dict[str, str] = {}
+    for split in ("db", "query"):
+        p = sidecar(store_path(conf, dataset.name, split), "skipped")
+        if p.is_file():
+            try:
+                data = json.loads(p.read_text())
+            except ValueError:
+                continue
+            items = data.get("skipped", data) if isinstance(data, dict) else {}
+            if isinstance(items, dict):
+                for name, why in items.items():
+                    reasons[f"{split}/{name}"] = why.get("error", str(why)) if isinstance(why, dict) else str(why)
+    out = []
+    for i in missing_db:
+        n = dataset.db_names[i]
+        out.append({"split": "db", "name": n, "path": str(dataset.db_paths[i]), "reason": reasons.get(f"db/{n}", "no features"),
+                    "effect": "ranked last for every query"})
+    for j in missing_q:
+        n = dataset.query_names[j]
+        out.append({"split": "query", "name": n, "path": str(dataset.query_paths[j]),
+                    "reason": reasons.get(f"query/{n}", "no features"), "effect": "left out of the evaluation"})
+    return out
+
+
+def _evaluate(gnd: GroundTruth, ranks: np.ndarray | dict[str, np.ndarray], n_db: int) -> dict[str, Any]:
+    """Evaluator JSON; with one ranking per protocol (DELG protocol), each protocol is read off its own ranking."""
+    if isinstance(ranks, dict):
+        out = {}
+        for p, r in ranks.items():
+            out[_PROTOCOL_KEY[p]] = evaluate(gnd, r, n_db=n_db)[_PROTOCOL_KEY[p]]
+        return out
+    return evaluate(gnd, ranks, n_db=n_db)
+
+
+def _save_ranks(path: Path, ranks: np.ndarray | dict[str, np.ndarray], **extra: np.ndarray | dict[str, np.ndarray]) -> None:
+    arrays: dict[str, np.ndarray] = {}
+    for key, val in {"ranks": ranks, **extra}.items():
+        if isinstance(val, dict):
+            arrays.update({f"{key}_{p}": v for p, v in val.items()})
+        else:
+            arrays[key] = val
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    tmp.replace(path)
+
+
+def main(conf: Config) -> Path:
+    """Run search, reranking, evaluation and the report; returns ``<output_dir>/results.json``."""
+    if conf.get("query"):
+        return search_photo(conf, Path(conf.query))
+    from delg import search
+    from loftr_tools.base import VerifierUnavailable
+    from loftr_tools.rerank import open_reranker
+
+    out_dir = Path(conf.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(conf, out_dir / "config.yaml")
+    timing: dict[str, float] = {}
+
+    t = time.time()
+    dataset = load_dataset(conf)
+    timing["dataset"] = time.time() - t
+    print(f"dataset {dataset.name}: {dataset.n_queries} queries, {dataset.n_db} database images")
+
+    t = time.time()
+    ranks_path = search.main(conf, dataset)  # extracts features first when they are missing
+    ranks = np.load(ranks_path)
+    scores = np.load(ranks_path.with_name(ranks_path.stem + "_scores.npy"))
+    timing["features+search"] = time.time() - t
+
+    have_db, have_q = _stored_names(conf, dataset, "db"), _stored_names(conf, dataset, "query")
+    missing_db = [i for i, n in enumerate(dataset.db_names) if n not in have_db]
+    missing_q = [j for j, n in enumerate(dataset.query_names) if n not in have_q]
+    keep = [j for j in range(dataset.n_queries) if j not in set(missing_q)]
+    gnd = _subset_gnd(dataset.gnd, keep)
+    skipped = _skipped_report(dataset, missing_db, missing_q, conf)
+
+    rankings: dict[str, np.ndarray] = {"global": ranks[:, keep]}
+    results: dict[str, Any] = {"global": _evaluate(gnd, ranks[:, keep], dataset.n_db)}
+    _save_ranks(out_dir / "ranks" / "global.npz", ranks, scores=scores)
+    inliers_for_report: dict[str, dict[tuple[int, int], int]] = {}
+    match_fns: dict[str, Any] = {}
+    verifier_skips: list[dict[str, str]] = []
+    rerankers = []
+    rc = conf.rerank
+    for method in rc.methods:
+        t = time.time()
+        try:
+            rr = open_reranker(conf, dataset, method)
+        except VerifierUnavailable as e:
+            print(f"[{method}] skipped: {e}")
+            verifier_skips.append({"method": method, "reason": str(e)})
+            continue
+        rerankers.append(rr)
+        new_ranks, inliers = rr.rerank(dataset, ranks[:, keep], scores[:, keep], int(rc.top_k),
+                                       bool(rc.junk_before_rerank), query_ids=keep)
+        for key, img_err in rr.stats.failed_images.items():
+            if not any(s["split"] + "/" + s["name"] == key for s in skipped):
+                verifier_skips.append({"method": method, "image": key, "reason": img_err})
+        print(f"[{method}] {rr.stats.summary()}")
+        _save_ranks(out_dir / "ranks" / f"{method}.npz", new_ranks, inliers=inliers)
+        results[method] = _evaluate(gnd, new_ranks, dataset.n_db)
+        shown = new_ranks["medium"] if isinstance(new_ranks, dict) else new_ranks
+        shown_inl = inliers["medium"] if isinstance(inliers, dict) else inliers
+        rankings[method] = shown
+        inliers_for_report[method] = {
+            (c, int(shown[r, c])): int(shown_inl[r, c]) for c in range(shown.shape[1]) for r in range(shown_inl.shape[0])
+        }
+        match_fns[method] = (lambda rr_: lambda c, db: rr_.inlier_matches(dataset, keep[c], db))(rr)
+        timing[method] = time.time() - t
+
+    title = f"{dataset.name}: {len(keep)} queries" + (f" ({len(missing_q)} skipped)" if missing_q else "")
+    print()
+    print(format_table(results, title=title))
+    complete = not (missing_db or missing_q or any("image" in s for s in verifier_skips))
+    payload = {
+        "dataset": dataset.name,
+        "n_queries": len(keep),
+        "n_db": dataset.n_db,
+        "protocol": {
+            "query_crop": bool(conf.dataset.query_crop) and any(b is not None for b in dataset.query_bbx),
+            "junk_before_rerank": bool(rc.junk_before_rerank),
+            "top_k": int(rc.top_k),
+            "checkpoint": conf.model.checkpoint,
+            "backbone": conf.model.backbone,
+            "notes": dataset.notes,
+        },
+        "methods": results,
+        "complete": complete,
+        "skipped": skipped,
+        "skipped_methods": [s for s in verifier_skips if "image" not in s],
+        "verifier_failures": [s for s in verifier_skips if "image" in s],
+        "timing_s": {k: round(v, 2) for k, v in timing.items()},
+    }
+    if not complete:
+        print(f"\nrun INCOMPLETE: {len(missing_db)} database and {len(missing_q)} query image(s) skipped "
+              f"(listed in results.json)")
+    res_path = out_dir / "results.json"
+    tmp = res_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.replace(res_path)
+
+    if conf.report.enabled:
+        from delg.report import write_report
+
+        sub = replace(dataset, query_paths=[dataset.query_paths[j] for j in keep],
+                      query_names=[dataset.query_names[j] for j in keep],
+                      query_bbx=[dataset.query_bbx[j] for j in keep], gnd=gnd)
+        t = time.time()
+        rep = write_report(out_dir / "report.html", sub, rankings, results, inliers_for_report, match_fns,
+                           conf.report, title=f"Retrieval report: {dataset.name}")
+        timing["report"] = time.time() - t
+        print(f"report: {rep}")
+    for rr in rerankers:
+        rr.close()
+    print(f"results: {res_path}")
+    return res_path
+
+
+def search_photo(conf: Config, photo: Path) -> Path:
+    """Search the indexed database with one new photo, rerank its top K and print the best matches."""
+    from delg import search
+    from delg.data.images import load_pil
+    from delg.extract import extract_one, load_model
+    from loftr_tools.base import ImageRef, VerifierUnavailable
+    from loftr_tools.rerank import dataset_refs, open_reranker
+
+    if not photo.is_file():
+        raise ConfigError(f"query={photo}: file not found")
+    dataset = load_dataset(conf)
+    search.ensure_features(conf, dataset, ("db",))
+    feats = extract_one(load_model(conf), load_pil(photo), conf)
+    ids, scores = search.search_one(feats["global"], conf, dataset)
+    top_k = min(int(conf.rerank.top_k), len(ids))
+    order = list(range(len(ids)))
+    inl = [None] * len(ids)
+    used = "global"
+    for method in conf.rerank.methods:
+        try:
+            rr = open_reranker(conf, dataset, method)
+        except VerifierUnavailable as e:
+            print(f"[{method}] skipped: {e}")
+            continue
+        qref = ImageRef(key=f"photo/{photo.resolve()}", name=photo.name, path=photo)
+        _, drefs = dataset_refs(dataset)
+        counts = rr.score_pairs({qref: [drefs[int(i)] for i in ids[:top_k]]})
+        rr.close()
+        for r in range(top_k):
+            inl[r] = counts[(qref.key, drefs[int(ids[r])].key)]
+        order = sorted(range(top_k), key=lambda r: (-inl[r], -scores[r])) + list(range(top_k, len(ids)))
+        used = method
+        break
+    print(f"\ntop matches for {photo} (global search, reranked with {used}):")
+    print(f"{'rank':>4}  {'inliers':>7}  {'similarity':>10}  image")
+    lines = []
+    for pos, r in enumerate(order[:max(10, min(top_k, 20))]):
+        i = int(ids[r])
+        n = "" if inl[r] is None else str(inl[r])
+        print(f"{pos + 1:>4}  {n:>7}  {scores[r]:>10.4f}  {dataset.db_paths[i]}")
+        lines.append({"rank": pos + 1, "inliers": inl[r], "similarity": float(scores[r]), "path": str(dataset.db_paths[i])})
+    out = Path(conf.output_dir) / "query" / f"{photo.stem}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"query": str(photo), "verifier": used, "matches": lines}, indent=1))
+    return out
+
+
+def cli(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        path, overrides = split_cli(sys.argv[1:] if argv is None else argv)
+        if "-h" in overrides or "--help" in overrides:
+            print(__doc__)
+            return 0
+        conf = load_config(path or DEFAULT_CONFIG, overrides)
+        main(conf)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

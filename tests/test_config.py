@@ -1,0 +1,79 @@
+"""Config loading: schema validation, nearest-key hints, dotted overrides, _base_ chains, every shipped config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from delg.config import ConfigError, dump_config, load_config, parse_override, split_cli
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_and_overrides() -> None:
+    conf = load_config(None, ["model.backbone=resnet101", "overwrite=true", "shard=1/4", "rerank.methods=[sift, lightglue]"])
+    assert conf.model.backbone == "resnet101"
+    assert conf.overwrite is True
+    assert conf.shard == "1/4"  # stays a string: the extractor parses it
+    assert conf.rerank.methods == ["sift", "lightglue"]
+    assert conf.model.gem_p == 3.0  # untouched default
+
+
+def test_unknown_key_names_nearest() -> None:
+    with pytest.raises(ConfigError, match=r"unknown config key 'model.backbon'.*'model.backbone'"):
+        load_config(None, ["model.backbon=resnet50"])
+    with pytest.raises(ConfigError, match="unknown config key 'nonsense_key_xyz'"):
+        load_config(None, ["nonsense_key_xyz=1"])
+
+
+def test_unknown_key_in_file_names_file(tmp_path: Path) -> None:
+    f = tmp_path / "bad.yaml"
+    f.write_text("dataset:\n  preset: tiny\n  rooot: x\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    assert str(f) in str(e.value) and "dataset.rooot" in str(e.value) and "dataset.root" in str(e.value)
+
+
+def test_section_given_a_value_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="'model' is a section"):
+        load_config(None, ["model=resnet50"])
+
+
+def test_override_syntax() -> None:
+    assert parse_override("a.b=3") == ("a.b", 3)
+    assert parse_override("x=null") == ("x", None)
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_override("justakey")
+
+
+def test_base_chain_and_order(tmp_path: Path) -> None:
+    (tmp_path / "parent.yaml").write_text("output_dir: a\nrerank:\n  top_k: 5\n")
+    (tmp_path / "child.yaml").write_text("_base_: parent.yaml\noutput_dir: b\n")
+    conf = load_config(tmp_path / "child.yaml", ["rerank.top_k=7"])
+    assert conf.output_dir == "b" and conf.rerank.top_k == 7
+    conf = load_config(None, [f"config={tmp_path / 'child.yaml'}"])
+    assert conf.rerank.top_k == 5
+
+
+def test_dump_round_trip(tmp_path: Path) -> None:
+    conf = load_config("demo", ["seed=3"])
+    p = dump_config(conf, tmp_path / "c.yaml")
+    assert yaml.safe_load(p.read_text()) == conf.to_dict()
+
+
+def test_split_cli() -> None:
+    assert split_cli(["--config", "x.yaml", "a=1"]) == ("x.yaml", ["a=1"])
+    assert split_cli(["--config=y.yaml"]) == ("y.yaml", [])
+
+
+@pytest.mark.parametrize("path", sorted(p for p in (REPO / "configs").rglob("*.yaml") if not p.name.startswith("_")),
+                         ids=lambda p: str(p.relative_to(REPO / "configs")))
+def test_every_shipped_config_loads(path: Path) -> None:
+    load_config(path)
+
+
+def test_missing_config_file() -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config("no/such/config.yaml")
