@@ -198,9 +198,10 @@ def load_dataset(conf: Any) -> RetrievalDataset:
         from delg.data.minibench import ensure_built  # imported here: it pulls in the benchmark builder
 
         root = Path(ensure_built(conf))
-        name = _get(d, "name", "minibench")
         preset = _get(d, "preset", "default")
-        ds = from_revisitop(root, name, query_crop, check_images, dataset_name=f"{name}-{preset}")
+        # The ground truth is always gnd_minibench.pkl; dataset.name only renames the run's files.
+        name = _get(d, "name") or "minibench"
+        ds = from_revisitop(root, "minibench", query_crop, check_images, dataset_name=f"{name}-{preset}")
         ds.notes["source"] = f"embedded benchmark (preset {preset}) built at {root}"
     elif kind == "revisitop":
         root, name = _get(d, "root"), _get(d, "name")
