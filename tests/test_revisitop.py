@@ -289,7 +289,7 @@ def test_load_dataset_revisitop_errors(tmp_path, shared_data):
     (root / "jpg").mkdir(parents=True)
     (root / "gnd_roxford5k.pkl").symlink_to(shared_data / "revisitop" / "gnd_roxford5k.pkl")
     base = ["dataset.type=revisitop", f"dataset.root={root}", "dataset.name=roxford5k"]
-    with pytest.raises(FileNotFoundError, match="5063 of the images listed in gnd_roxford5k.pkl are missing"):
+    with pytest.raises(FileNotFoundError, match="5063 of the 5063 images listed in gnd_roxford5k.pkl are missing"):
         load_dataset(load_config(None, base))
     ds = load_dataset(load_config(None, [*base, "dataset.check_images=false"]))
     assert (ds.name, ds.n_db, ds.n_queries) == ("roxford5k", 4993, 70)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -142,11 +143,15 @@ def from_revisitop(
         # One directory listing instead of thousands of stat calls.
         present = {e.name for e in os.scandir(images)}
         missing = [n for n in dict.fromkeys([*gnd.qimlist, *gnd.imlist]) if f"{n}.jpg" not in present]
+        listed = len(gnd.qimlist) + len(gnd.imlist)
+        msg = (f"{images}: {len(missing)} of the {listed} images listed in {gnd.source.name} are missing, "
+               f"e.g. {', '.join(m + '.jpg' for m in missing[:3])}")
+        # Mostly missing = a wrong folder or an unfinished download: stop. A few = real-world losses: the run
+        # goes on, extraction reports each one as a skipped image and results.json marks the run incomplete.
+        if missing and len(missing) * 2 > listed:
+            raise FileNotFoundError(msg)
         if missing:
-            raise FileNotFoundError(
-                f"{images}: {len(missing)} of the images listed in {gnd.source.name} are missing, "
-                f"e.g. {', '.join(m + '.jpg' for m in missing[:3])}"
-            )
+            print(f"warning: {msg}; they are skipped and reported", file=sys.stderr)
     bbx = [q.bbx if query_crop else None for q in gnd.gnd]
     notes = {
         "ground_truth": str(gnd.source),
