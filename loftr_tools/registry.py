@@ -1,0 +1,72 @@
+"""Verifier registry: method key -> verifier class (imported lazily, so heavy deps load only when used).
+
+    v = build_verifier("lightglue", conf, device="auto")   # conf: the whole run config (or None for defaults)
+
+Adding a verifier: write ``loftr_tools/<name>.py`` with a :class:`~loftr_tools.base.Verifier` subclass, add a line
+to :data:`VERIFIERS` and a ``delg/conf/<section>.yaml`` with its settings.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from delg.config import ConfigError
+from loftr_tools.base import Verifier
+
+# method key -> (module, class, config section)
+VERIFIERS: dict[str, tuple[str, str, str]] = {
+    "lightglue": ("loftr_tools.lightglue", "DiskLightGlue", "lightglue"),
+    "lightglue_aliked": ("loftr_tools.lightglue", "AlikedLightGlue", "lightglue"),
+    "sift": ("loftr_tools.sift", "SiftVerifier", "sift"),
+    "delg": ("loftr_tools.delg_local", "DelgLocalVerifier", "delg_local"),
+    "loftr": ("loftr_tools.loftr", "LoFTRVerifier", "loftr"),
+}
+
+
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """``'auto'``/``None`` -> cuda if available else cpu; anything else as given."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def verifier_section(method: str) -> str:
+    """The config section holding the settings of ``method``."""
+    if method not in VERIFIERS:
+        raise ConfigError(f"unknown verification method '{method}'; valid: {', '.join(VERIFIERS)}")
+    return VERIFIERS[method][2]
+
+
+def build_verifier(
+    method: str, conf: Mapping[str, Any] | None = None, device: torch.device | str | None = "auto", **ctx: Any
+) -> Verifier:
+    """Build the verifier ``method`` ('lightglue', 'lightglue_aliked', 'sift', 'delg', 'loftr').
+
+    Args:
+        method: a key of :data:`VERIFIERS`.
+        conf: the run config; its section ``verifier_section(method)`` configures the verifier (a mapping without
+            that section is taken as the section itself; ``None`` = defaults).
+        device: 'auto' | 'cpu' | 'cuda' | 'cuda:N'.
+        ctx: extra constructor arguments (``stores={'query': Path, 'db': Path}`` for 'delg').
+
+    Raises:
+        ConfigError: unknown method (the message lists the valid ones).
+        VerifierUnavailable: the verifier cannot run here (weights, untrained head); the message says what to do.
+    """
+    section = verifier_section(method)
+    module, cls_name, _ = VERIFIERS[method]
+    sub: dict[str, Any] = {}
+    if conf is not None:
+        if isinstance(conf.get(section), Mapping):
+            sub = dict(conf[section])
+        elif "output_dir" not in conf:  # not a run config: the section itself
+            sub = dict(conf)
+    cls = getattr(importlib.import_module(module), cls_name)
+    # The top-level mixed_precision switch can turn it off for every verifier.
+    if conf is not None and "mixed_precision" in conf and "mixed_precision" in cls.default_conf:
+        sub["mixed_precision"] = bool(conf["mixed_precision"]) and bool(sub.get("mixed_precision", True))
+    return cls(sub, device=resolve_device(device), **ctx)

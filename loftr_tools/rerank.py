@@ -1,0 +1,587 @@
+"""Rerank the global top-K with a local verifier: pair order, feature cache, on-disk inlier cache.
+
+The score of a (query, database) pair is the number of RANSAC inliers (:func:`loftr_tools.ransac.ransac_inliers`)
+among the verifier's tentative matches. The reranked ranking of a query is its global top-K ordered by
+(inliers desc, global similarity desc), followed by the untouched global ranking below K.
+
+Ground truth is never read, with one documented exception: ``junk_before_rerank=True`` reproduces the DELG paper's
+protocol, which removes each protocol's junk images (revisitop: easy -> junk+hard, medium -> junk,
+hard -> junk+easy) from the global ranking *before* taking the top K. That gives one reranked ranking per protocol
+(a dict ``{'easy': ranks, 'medium': ranks, 'hard': ranks}``); the removed images are appended at the bottom
+(evaluation ignores junk wherever it sits), so every ranking keeps the input's shape.
+
+Caching:
+
+* Features: each image is prepared once while it stays in an in-memory LRU cache of ``rerank.feature_cache_mb``
+  (sized with ``Verifier.feature_nbytes``). Pairs run query-major and queries are ordered greedily so that
+  consecutive queries share database images, which are then still cached. A verifier with
+  ``match_many(f0, f1s)`` (LoFTR) gets up to ``<section>.batch_size`` pairs of one query at a time.
+* Inliers: one SQLite file per verifier + RANSAC setting, ``<output_dir>/matches/inliers-<tag>.sqlite``, keyed by
+  (query key incl. crop, database key). Each pair is committed as soon as it is scored, so a killed run loses at most
+  the pair in progress, a rerun skips what is done, and another protocol (or ``top_k`` <= the cached one) reuses the
+  counts without matching anything. (With ``match_many`` a kill loses at most the batch in progress.)
+
+Failures: an image that cannot be read scores 0 with every partner (counted, listed in the log, not cached so a
+fixed file is retried). A CUDA OOM pair is retried at smaller sizes (``rerank.oom_retry_factors``), logged.
+
+CLI: ``python -m loftr_tools.rerank --config configs/demo.yaml rerank.methods=[lightglue]``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from delg.data.images import ImageReadError
+from loftr_tools.base import ImageRef, Verifier
+from loftr_tools.ransac import RansacConf, ransac_inliers
+from loftr_tools.resize import is_oom, run_with_oom_retry, smaller_long_side
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = ("easy", "medium", "hard")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# caches
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class FeatureCache:
+    """LRU cache of prepared features within a byte budget (an item larger than the budget is not kept)."""
+
+    def __init__(self, budget_bytes: int, sizeof: Callable[[Any], int]) -> None:
+        self.budget = max(0, int(budget_bytes))
+        self.sizeof = sizeof
+        self.items: OrderedDict[str, tuple[Any, int]] = OrderedDict()
+        self.nbytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.items
+
+    def get(self, key: str) -> Any | None:
+        if key in self.items:
+            self.items.move_to_end(key)
+            self.hits += 1
+            return self.items[key][0]
+        self.misses += 1
+        return None
+
+    def put(self, key: str, feats: Any) -> None:
+        n = int(self.sizeof(feats))
+        if key in self.items:
+            self.nbytes -= self.items.pop(key)[1]
+        if n > self.budget:
+            return
+        while self.items and self.nbytes + n > self.budget:
+            self.nbytes -= self.items.popitem(last=False)[1][1]
+        self.items[key] = (feats, n)
+        self.nbytes += n
+
+
+class InlierCache:
+    """Inlier counts on disk (SQLite), keyed by (query key, database key); ``path=None`` keeps them in memory."""
+
+    def __init__(self, path: str | Path | None, tag: str = "") -> None:
+        self.path = Path(path) if path else None
+        self.mem: dict[tuple[str, str], int] = {}
+        self.db: sqlite3.Connection | None = None
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.db = sqlite3.connect(str(self.path), timeout=60)
+            # WAL + one commit per pair: a kill loses at most the pair in progress; readers never block writers.
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("CREATE TABLE IF NOT EXISTS pairs (query TEXT NOT NULL, db TEXT NOT NULL, "
+                            "inliers INTEGER NOT NULL, matches INTEGER NOT NULL, PRIMARY KEY (query, db))")
+            self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+            self.db.execute("INSERT OR IGNORE INTO meta VALUES ('tag', ?)", (tag,))
+            self.db.commit()
+        except sqlite3.DatabaseError as e:
+            raise RuntimeError(f"{self.path}: unreadable inlier cache ({e}); delete it to recompute") from None
+
+    def get_many(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        keys = list(dict.fromkeys(keys))
+        out = {k: self.mem[k] for k in keys if k in self.mem}
+        if self.db is not None:
+            todo = {k for k in keys if k not in out}
+            by_query: dict[str, set[str]] = {}
+            for q, d in todo:
+                by_query.setdefault(q, set()).add(d)
+            for q, ds in by_query.items():
+                for d, n in self.db.execute("SELECT db, inliers FROM pairs WHERE query = ?", (q,)):
+                    if d in ds:
+                        out[(q, d)] = int(n)
+        return out
+
+    def put(self, query: str, db: str, inliers: int, matches: int) -> None:
+        self.mem[(query, db)] = int(inliers)
+        if self.db is not None:
+            self.db.execute("INSERT OR REPLACE INTO pairs VALUES (?, ?, ?, ?)", (query, db, int(inliers), int(matches)))
+            self.db.commit()
+
+    def close(self) -> None:
+        if self.db is not None:
+            self.db.close()
+            self.db = None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ranking logic (pure functions, no images)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def reorder_topk(ranks: np.ndarray, inliers: np.ndarray, scores: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Order the top rows of ``ranks`` by (inliers desc, global similarity desc); rows below stay as they are.
+
+    Args:
+        ranks: :math:`(R, Q)` database indices, each column a query's global ranking (best first).
+        inliers: :math:`(K, Q)` inlier counts of ``ranks[:K]``.
+        scores: :math:`(R, Q)` global similarities aligned with ``ranks``; ``None`` = the global order itself
+            (identical when ``ranks`` is sorted by similarity).
+
+    Returns:
+        ``(new_ranks, new_inliers)``: :math:`(R, Q)` and :math:`(K, Q)` (the inliers follow their images).
+    """
+    K = inliers.shape[0]
+    new = ranks.copy()
+    new_inl = inliers.copy()
+    for q in range(ranks.shape[1]):
+        sim = scores[:K, q] if scores is not None else -np.arange(K, dtype=np.float64)
+        # lexsort: last key is primary. Ties in both keep the global order (stable).
+        order = np.lexsort((np.arange(K), -sim, -inliers[:, q]))
+        new[:K, q] = ranks[:K, q][order]
+        new_inl[:, q] = inliers[order, q]
+    return new, new_inl
+
+
+def protocol_junk(gnd_q: Any, protocol: str) -> np.ndarray:
+    """Images ignored by ``protocol`` for one query (revisitop): easy -> junk+hard, medium -> junk, hard -> junk+easy."""
+    junk = [np.asarray(gnd_q.junk, dtype=np.int64).ravel()]
+    if protocol == "easy":
+        junk.append(np.asarray(gnd_q.hard, dtype=np.int64).ravel())
+    elif protocol == "hard":
+        junk.append(np.asarray(gnd_q.easy, dtype=np.int64).ravel())
+    elif protocol != "medium":
+        raise ValueError(f"unknown protocol '{protocol}' (easy | medium | hard)")
+    return np.concatenate(junk)
+
+
+def drop_junk(ranks: np.ndarray, scores: np.ndarray | None, junk: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+    """Move each query's junk to the bottom of its column (relative order kept), scores alongside."""
+    new = np.empty_like(ranks)
+    new_s = np.empty_like(scores) if scores is not None else None
+    for q in range(ranks.shape[1]):
+        is_junk = np.isin(ranks[:, q], junk[q])
+        order = np.concatenate([np.flatnonzero(~is_junk), np.flatnonzero(is_junk)])
+        new[:, q] = ranks[order, q]
+        if scores is not None:
+            new_s[:, q] = scores[order, q]
+    return new, new_s
+
+
+def order_queries(topk: Sequence[Sequence[int]], max_greedy: int = 3000) -> list[int]:
+    """Query order in which consecutive queries share many database images (greedy, starting at query 0).
+
+    Beyond ``max_greedy`` queries the natural order is used (the greedy search is quadratic).
+    """
+    n = len(topk)
+    if n <= 2 or n > max_greedy:
+        return list(range(n))
+    sets = [set(map(int, t)) for t in topk]
+    left = set(range(1, n))
+    order = [0]
+    while left:
+        prev = sets[order[-1]]
+        nxt = max(sorted(left), key=lambda j: len(prev & sets[j]))
+        order.append(nxt)
+        left.remove(nxt)
+    return order
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the reranker
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RerankStats:
+    """What a run did; logged at the end and kept on :attr:`Reranker.stats`."""
+
+    pairs: int = 0  # distinct pairs asked for
+    cached: int = 0  # found in the inlier cache
+    matched: int = 0  # scored by the verifier in this run
+    failed_pairs: int = 0  # scored 0 because an image could not be read
+    failed_images: dict[str, str] = field(default_factory=dict)  # image key -> error
+    oom_retries: int = 0
+    prepared: int = 0  # images prepared (feature cache misses)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        s = (f"{self.pairs} pairs: {self.cached} cached, {self.matched} matched, {self.failed_pairs} failed; "
+             f"{self.prepared} images prepared; {self.oom_retries} OOM retries; {self.seconds:.1f} s")
+        if self.failed_images:
+            s += f"; {len(self.failed_images)} unreadable images: " + "; ".join(self.failed_images.values())
+        return s
+
+
+def _query_key(ref: ImageRef) -> str:
+    # The crop is part of the key: the same query uncropped is a different pair.
+    if ref.crop is None:
+        return ref.key
+    return ref.key + "@" + ",".join(f"{float(c):g}" for c in ref.crop)
+
+
+def dataset_refs(dataset: Any) -> tuple[list[ImageRef], list[ImageRef]]:
+    """``(query_refs, db_refs)`` of a :class:`~delg.data.dataset.RetrievalDataset` (queries carry their bbx)."""
+    q = [ImageRef(key=f"query/{n}", name=n, path=Path(p), crop=tuple(b) if b is not None else None)
+         for n, p, b in zip(dataset.query_names, dataset.query_paths, dataset.query_bbx)]
+    d = [ImageRef(key=f"db/{n}", name=n, path=Path(p)) for n, p in zip(dataset.db_names, dataset.db_paths)]
+    return q, d
+
+
+class Reranker:
+    """Scores (query, db) pairs with a verifier + the shared RANSAC, with feature and inlier caches.
+
+    Args:
+        verifier: a built :class:`~loftr_tools.base.Verifier`.
+        ransac: the ``ransac`` config section (or :class:`~loftr_tools.ransac.RansacConf`).
+        cache_path: SQLite inlier cache file, or ``None`` for in-memory only.
+        feature_cache_mb: budget of the in-memory feature cache.
+        progress: show a tqdm bar (pairs/s).
+        oom_retry_factors: size factors tried in turn when a pair runs out of GPU memory.
+        min_inliers: counts below this score 0 (the global similarity then decides); 0 keeps raw counts.
+    """
+
+    def __init__(
+        self,
+        verifier: Verifier,
+        ransac: Mapping[str, Any] | RansacConf | None = None,
+        cache_path: str | Path | None = None,
+        feature_cache_mb: float = 2048,
+        progress: bool = False,
+        oom_retry_factors: Sequence[float] = (1.0, 0.75, 0.5),
+        min_inliers: int = 0,
+    ) -> None:
+        self.verifier = verifier
+        self.ransac = RansacConf.from_conf(ransac)
+        self.cache = InlierCache(cache_path, tag=f"{verifier.cache_tag()}|{self.ransac.tag()}")
+        self.features = FeatureCache(int(feature_cache_mb * 2**20), verifier.feature_nbytes)
+        self.progress = progress
+        self.oom_factors = tuple(oom_retry_factors) or (1.0,)
+        self.min_inliers = int(min_inliers)
+        self.stats = RerankStats()
+
+    @staticmethod
+    def default_cache_path(output_dir: str | Path, verifier: Verifier, ransac: Mapping[str, Any] | RansacConf | None) -> Path:
+        """``<output_dir>/matches/inliers-<verifier tag>-<ransac tag>.sqlite``."""
+        tag = f"{verifier.cache_tag()}-{RansacConf.from_conf(ransac).tag()}"
+        safe = "".join(c if c.isalnum() or c in "-_.+" else "_" for c in tag)
+        return Path(output_dir) / "matches" / f"inliers-{safe}.sqlite"
+
+    # -- features -------------------------------------------------------------------------------------------
+
+    def _feature_key(self, ref: ImageRef) -> str:
+        """Image verifiers' features depend only on (path, crop), so an image that is both a query and a database
+        image (folder datasets) is prepared once; verifiers reading stores (``reads_store``) key by split too."""
+        if getattr(self.verifier, "reads_store", False):
+            return ref.key
+        return f"{ref.path}@{ref.crop}"
+
+    def _prepare(self, ref: ImageRef) -> Any | None:
+        """Cached features of ``ref``; ``None`` (and counted) if the image cannot be read."""
+        if ref.key in self.stats.failed_images:
+            return None
+        feats = self.features.get(self._feature_key(ref))
+        if feats is not None:
+            return feats
+        try:
+            feats = self.verifier.prepare(ref)
+        except ImageReadError as e:
+            self.stats.failed_images[ref.key] = str(e)
+            log.warning("skipping unreadable image: %s", e)
+            return None
+        self.stats.prepared += 1
+        self.features.put(self._feature_key(ref), feats)
+        return feats
+
+    def _score(self, q: ImageRef, d: ImageRef) -> tuple[int, int] | None:
+        """``(inliers, matches)`` of a pair, or ``None`` if one image is unreadable."""
+
+        def attempt(factor: float) -> tuple[np.ndarray, np.ndarray] | None:
+            if factor == 1.0:  # the usual size: cached features
+                f0, f1 = self._prepare(q), self._prepare(d)
+                if f0 is None or f1 is None:
+                    return None
+                return self.verifier.match(f0, f1)
+            # Smaller size: prepare this pair afresh (not cached) and match.
+            self.stats.oom_retries += 1
+            with smaller_long_side(self.verifier, factor):
+                return self.verifier.match(self.verifier.prepare(q), self.verifier.prepare(d))
+
+        try:
+            res = run_with_oom_retry(attempt, self.oom_factors, f"pair {q.key} / {d.key}")
+        except ImageReadError as e:
+            self.stats.failed_images.setdefault(q.key if str(q.path) in str(e) else d.key, str(e))
+            return None
+        if res is None:
+            return None
+        p0, p1 = res
+        _, n = ransac_inliers(p0, p1, conf=self.ransac)
+        return n, len(p0)
+
+    def _score_many(self, q: ImageRef, ds: Sequence[ImageRef]) -> list[tuple[int, int] | None]:
+        """Like ``[self._score(q, d) for d in ds]`` through the verifier's batched ``match_many(f0, f1s)``.
+
+        A chunk that runs out of memory falls back to pair by pair (with the smaller-size retries).
+        """
+        fq = self._prepare(q)
+        if fq is None:
+            return [None] * len(ds)
+        feats = [self._prepare(d) for d in ds]
+        ok = [i for i, f in enumerate(feats) if f is not None]
+        out: list[tuple[int, int] | None] = [None] * len(ds)
+        try:
+            matches = self.verifier.match_many(fq, [feats[i] for i in ok])  # type: ignore[attr-defined]
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
+            if not is_oom(e):
+                raise
+            log.warning("out of memory on a batch of %d pairs of %s; matching them one by one", len(ok), q.key)
+            return [self._score(q, d) for d in ds]
+        for i, (p0, p1) in zip(ok, matches):
+            out[i] = (ransac_inliers(p0, p1, conf=self.ransac)[1], len(p0))
+        return out
+
+    # -- pairs ----------------------------------------------------------------------------------------------
+
+    def score_pairs(self, pairs: Mapping[ImageRef, Sequence[ImageRef]]) -> dict[tuple[str, str], int]:
+        """Inlier counts of ``{query_ref: [db_refs]}``, keyed by ``(query_ref.key, db_ref.key)``.
+
+        Cached pairs are read, the rest matched (query-major, queries ordered to reuse cached db features) and
+        written to the cache one by one. Pairs with an unreadable image score 0 (not cached).
+        """
+        t0 = time.time()
+        queries = list(pairs)
+        want = {(_query_key(q), d.key): (q, d) for q in queries for d in pairs[q]}
+        known = self.cache.get_many(want)
+        self.stats.pairs += len(want)
+        self.stats.cached += len(known)
+        out: dict[tuple[str, str], int] = {}
+        for (qk, dk), (q, d) in want.items():
+            if (qk, dk) in known:
+                out[(q.key, d.key)] = known[(qk, dk)]
+        todo_by_q = [[d for d in pairs[q] if (_query_key(q), d.key) not in known] for q in queries]
+        db_index = {k: i for i, k in enumerate(dict.fromkeys(d.key for q in queries for d in pairs[q]))}
+        order = order_queries([[db_index[d.key] for d in t] for t in todo_by_q])
+        n_todo = sum(len(t) for t in todo_by_q)
+        bar = None
+        if self.progress and n_todo:
+            from tqdm import tqdm
+
+            bar = tqdm(total=n_todo, desc=f"rerank {self.verifier.name}", unit="pair", dynamic_ncols=True)
+        # Verifiers with a batched match_many (LoFTR) get chunks of one query's pairs.
+        batch = int(self.verifier.conf.get("batch_size") or 1) if hasattr(self.verifier, "match_many") else 1
+        try:
+            for qi in order:
+                q = queries[qi]
+                # Db images already in the feature cache first, before later ones can evict them.
+                todo = sorted(todo_by_q[qi], key=lambda d: self._feature_key(d) not in self.features)
+                for s in range(0, len(todo), max(1, batch)):
+                    chunk = todo[s : s + max(1, batch)]
+                    results = self._score_many(q, chunk) if batch > 1 else [self._score(q, chunk[0])]
+                    for d, r in zip(chunk, results):
+                        if r is None:
+                            self.stats.failed_pairs += 1
+                            out[(q.key, d.key)] = 0
+                        else:
+                            self.stats.matched += 1
+                            self.cache.put(_query_key(q), d.key, r[0], r[1])
+                            out[(q.key, d.key)] = r[0]
+                    if bar is not None:
+                        bar.update(len(chunk))
+        finally:
+            if bar is not None:
+                bar.close()
+        self.stats.seconds += time.time() - t0
+        return out
+
+    def rerank(
+        self,
+        dataset: Any,
+        ranks: np.ndarray,
+        scores: np.ndarray | None = None,
+        top_k: int = 100,
+        junk_before_rerank: bool = False,
+        query_ids: Sequence[int] | None = None,
+    ) -> tuple[np.ndarray | dict[str, np.ndarray], np.ndarray | dict[str, np.ndarray]]:
+        """Rerank the global top-``top_k`` of each query; see the module docstring.
+
+        Args:
+            dataset: a :class:`~delg.data.dataset.RetrievalDataset` (paths, names, query bbx; ``gnd`` only read
+                with ``junk_before_rerank``).
+            ranks: :math:`(R, Q)` int global ranking (database row indices, best first), ``R <= n_db``.
+            scores: :math:`(R, Q)` global similarities aligned with ``ranks``, or ``None``.
+            top_k: how many of the global ranking to verify (cut to ``R``).
+            junk_before_rerank: DELG protocol (reads the ground truth's junk): one ranking per protocol.
+            query_ids: dataset query index of each column of ``ranks`` (default ``range(Q)``).
+
+        Returns:
+            ``(new_ranks, inliers)``: :math:`(R, Q)` and :math:`(K, Q)` arrays, or dicts protocol -> array with
+            ``junk_before_rerank``.
+        """
+        ranks = np.asarray(ranks)
+        if ranks.ndim != 2:
+            raise ValueError(f"ranks must be (n_rows, n_queries), got shape {ranks.shape}")
+        if scores is not None:
+            scores = np.asarray(scores)
+            if scores.shape != ranks.shape:
+                raise ValueError(f"scores {scores.shape} and ranks {ranks.shape} must have the same shape")
+        qrefs, drefs = dataset_refs(dataset)
+        qids = list(query_ids) if query_ids is not None else list(range(ranks.shape[1]))
+        if len(qids) != ranks.shape[1]:
+            raise ValueError(f"{len(qids)} query_ids for {ranks.shape[1]} columns of ranks")
+        K = max(0, min(int(top_k), ranks.shape[0]))
+
+        if junk_before_rerank:
+            variants = {}
+            for p in PROTOCOLS:
+                junk = [protocol_junk(dataset.gnd.gnd[qid], p) for qid in qids]
+                variants[p] = drop_junk(ranks, scores, junk)
+        else:
+            variants = {"all": (ranks, scores)}
+
+        pairs: dict[ImageRef, dict[str, ImageRef]] = {}
+        for r, _ in variants.values():
+            for c, qid in enumerate(qids):
+                # dict keeps order and drops the db images that several protocols share
+                lst = pairs.setdefault(qrefs[qid], {})
+                for i in r[:K, c]:
+                    lst.setdefault(drefs[i].key, drefs[i])
+        counts = self.score_pairs({q: list(ds.values()) for q, ds in pairs.items()})
+
+        out_r: dict[str, np.ndarray] = {}
+        out_i: dict[str, np.ndarray] = {}
+        for name, (r, s) in variants.items():
+            inl = np.zeros((K, r.shape[1]), dtype=np.int64)
+            for c, qid in enumerate(qids):
+                qk = qrefs[qid].key
+                inl[:, c] = [counts[(qk, drefs[i].key)] for i in r[:K, c]]
+            if self.min_inliers > 0:
+                inl[inl < self.min_inliers] = 0
+            out_r[name], out_i[name] = reorder_topk(r, inl, s)
+        log.info("rerank %s: %s", self.verifier.name, self.stats.summary())
+        if junk_before_rerank:
+            return out_r, out_i
+        return out_r["all"], out_i["all"]
+
+    def close(self) -> None:
+        self.cache.close()
+        close = getattr(self.verifier, "close", None)
+        if callable(close):
+            close()
+
+
+def rerank(
+    dataset: Any,
+    ranks: np.ndarray,
+    scores: np.ndarray | None,
+    verifier: Verifier,
+    top_k: int,
+    cache_path: str | Path | None = None,
+    junk_before_rerank: bool = False,
+    ransac: Mapping[str, Any] | RansacConf | None = None,
+    feature_cache_mb: float = 2048,
+    progress: bool = False,
+    min_inliers: int = 0,
+    stats: RerankStats | None = None,
+) -> tuple[np.ndarray | dict[str, np.ndarray], np.ndarray | dict[str, np.ndarray]]:
+    """One-call version of :meth:`Reranker.rerank` (see there); ``stats``, if given, receives the run's counts."""
+    rr = Reranker(verifier, ransac, cache_path, feature_cache_mb, progress, min_inliers=min_inliers)
+    try:
+        out = rr.rerank(dataset, ranks, scores, top_k, junk_before_rerank)
+    finally:
+        rr.cache.close()
+    if stats is not None:
+        stats.__dict__.update(rr.stats.__dict__)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# stage entry point
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def main(conf: Any, method: str | None = None, dataset: Any = None) -> Path:
+    """Rerank the global ranking of ``conf`` with ``method`` (default: each of ``conf.rerank.methods``).
+
+    Reads ``<output_dir>/ranks/global.npy`` (R, Q) and ``global_scores.npy`` (written by ``delg.search``; or
+    ``rerank.global_ranks``), writes ``<output_dir>/ranks/rerank-<method>.npz`` (``ranks`` (R, Q), ``inliers``
+    (K, Q); with ``junk_before_rerank``: ``ranks_<protocol>`` / ``inliers_<protocol>``) and returns the last file.
+    """
+    from loftr_tools.registry import build_verifier
+
+    if dataset is None:
+        from delg.data.dataset import load_dataset
+
+        dataset = load_dataset(conf)
+    rc = conf.rerank
+    out_dir = Path(conf.output_dir)
+    src = Path(rc.global_ranks) if rc.get("global_ranks") else out_dir / "ranks" / "global.npy"
+    if not src.is_file():
+        raise FileNotFoundError(f"{src}: global ranking not found (run delg.search first)")
+    ranks = np.load(src)
+    score_path = src.with_name(src.stem + "_scores.npy")
+    scores = np.load(score_path) if score_path.is_file() else None
+    methods = [method] if method else list(rc.methods)
+    written = out_dir
+    for m in methods:
+        ctx: dict[str, Any] = {}
+        if m == "delg":
+            from delg.extract import store_path
+
+            ctx["stores"] = {"query": Path(rc.query_store) if rc.get("query_store") else store_path(conf, dataset.name, "query"),
+                             "db": Path(rc.db_store) if rc.get("db_store") else store_path(conf, dataset.name, "db")}
+        verifier = build_verifier(m, conf, conf.device, **ctx)
+        cache = Reranker.default_cache_path(out_dir, verifier, conf.ransac) if rc.cache else None
+        rr = Reranker(verifier, conf.ransac, cache, rc.feature_cache_mb, bool(conf.progress),
+                      rc.oom_retry_factors, rc.min_inliers)
+        try:
+            new_ranks, inliers = rr.rerank(dataset, ranks, scores, int(rc.top_k), bool(rc.junk_before_rerank))
+        finally:
+            rr.close()
+        written = out_dir / "ranks" / f"rerank-{m}.npz"
+        written.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(new_ranks, dict):
+            arrays = {f"ranks_{p}": v for p, v in new_ranks.items()} | {f"inliers_{p}": v for p, v in inliers.items()}
+        else:
+            arrays = {"ranks": new_ranks, "inliers": inliers}
+        tmp = written.with_name(written.stem + ".tmp.npz")
+        np.savez(tmp, **arrays)
+        tmp.replace(written)
+        print(f"{m}: {rr.stats.summary()} -> {written}")
+    return written
+
+
+if __name__ == "__main__":
+    from delg.config import load_config, split_cli
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    path, overrides = split_cli(sys.argv[1:])
+    if "-h" in overrides or "--help" in overrides:
+        print(__doc__)
+        sys.exit(0)
+    main(load_config(path, overrides))

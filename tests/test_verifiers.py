@@ -1,0 +1,310 @@
+"""RANSAC, the resolution policy, and the verifiers (SIFT, DISK/ALIKED+LightGlue, DELG-local), on CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from delg.config import ConfigError
+from delg.data.images import ImageReadError
+from loftr_tools.base import ImageRef, VerifierUnavailable
+from loftr_tools.ransac import RansacConf, ransac_inliers
+from loftr_tools.resize import Resized, load_resized, resize_image, run_with_oom_retry, target_size
+
+torch.set_num_threads(2)
+
+# ---------------------------------------------------------------------------------------------------------------
+# RANSAC
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _homography_data(rng: np.random.Generator, n_in: int = 120, n_out: int = 60, noise: float = 0.3):
+    H = np.array([[0.9, 0.08, 30.0], [-0.05, 1.1, -12.0], [2e-4, -1e-4, 1.0]])
+    p0 = rng.uniform([0, 0], [640, 480], size=(n_in + n_out, 2))
+    ph = np.c_[p0, np.ones(len(p0))] @ H.T
+    p1 = ph[:, :2] / ph[:, 2:]
+    p1[:n_in] += rng.normal(0, noise, size=(n_in, 2))
+    p1[n_in:] = rng.uniform([0, 0], [640, 480], size=(n_out, 2))  # outliers: random points
+    truth = np.r_[np.ones(n_in, bool), np.zeros(n_out, bool)]
+    return p0, p1, truth
+
+
+def _two_view_data(rng: np.random.Generator, n_in: int = 150, n_out: int = 80, noise: float = 0.3):
+    """A 3D point cloud seen by two cameras (rotation + translation): a non-planar scene, F holds, H does not."""
+    K = np.array([[500.0, 0, 320], [0, 500, 240], [0, 0, 1]])
+    X = np.c_[rng.uniform(-2, 2, n_in + n_out), rng.uniform(-1.5, 1.5, n_in + n_out), rng.uniform(4, 9, n_in + n_out)]
+    R, _ = cv2.Rodrigues(np.array([0.05, -0.25, 0.03]))
+    t = np.array([1.0, 0.1, 0.2])
+
+    def proj(P: np.ndarray) -> np.ndarray:
+        x = P @ K.T
+        return x[:, :2] / x[:, 2:]
+
+    p0, p1 = proj(X), proj(X @ R.T + t)
+    p0[:n_in] += rng.normal(0, noise, size=(n_in, 2))
+    p1[:n_in] += rng.normal(0, noise, size=(n_in, 2))
+    p1[n_in:] = rng.uniform(p1.min(0), p1.max(0), size=(n_out, 2))
+    truth = np.r_[np.ones(n_in, bool), np.zeros(n_out, bool)]
+    return p0, p1, truth
+
+
+def test_ransac_homography_recovers_inliers() -> None:
+    p0, p1, truth = _homography_data(np.random.default_rng(0))
+    mask, n = ransac_inliers(p0, p1, model="homography", threshold=2.0)
+    assert mask.dtype == bool and mask.shape == truth.shape and n == int(mask.sum())
+    assert (mask & truth).sum() >= 0.95 * truth.sum()  # recall
+    assert (mask & ~truth).sum() <= 2  # random outliers almost never land within 2 px
+
+
+def test_ransac_fundamental_recovers_inliers_and_float32() -> None:
+    p0, p1, truth = _two_view_data(np.random.default_rng(1))
+    mask, n = ransac_inliers(p0.astype(np.float32), p1.astype(np.float32), model="fundamental", threshold=1.0)
+    assert (mask & truth).sum() >= 0.9 * truth.sum()
+    # An outlier passes F only if it falls within 1 px of its epipolar line: a few at most.
+    assert (mask & ~truth).sum() <= 6
+    # A homography cannot explain a non-planar scene with a large baseline: far fewer inliers.
+    _, n_h = ransac_inliers(p0, p1, model="homography", threshold=1.0)
+    assert n_h < 0.6 * n
+
+
+def test_ransac_minimal_and_degenerate_inputs_give_zero() -> None:
+    rng = np.random.default_rng(2)
+    p0, p1, _ = _two_view_data(rng, n_in=7, n_out=0)
+    assert ransac_inliers(p0, p1, model="fundamental")[1] == 0  # 7 < 8
+    assert ransac_inliers(p0[:3], p1[:3], model="homography")[1] == 0  # 3 < 4
+    assert ransac_inliers(np.zeros((0, 2)), np.zeros((0, 2)))[1] == 0
+    same = np.tile([[10.0, 20.0]], (30, 1))
+    mask, n = ransac_inliers(same, same + 5, model="fundamental")  # all points identical
+    assert mask.shape == (30,) and n <= 30  # no crash; whatever OpenCV decides stays a valid mask
+    line = np.c_[np.arange(30.0), 2 * np.arange(30.0)]  # collinear
+    assert ransac_inliers(line, line, model="homography")[0].shape == (30,)
+    # Non-finite points are ignored, not propagated.
+    q0, q1, truth = _homography_data(np.random.default_rng(3), n_in=50, n_out=0)
+    q0[0] = np.nan
+    mask, n = ransac_inliers(q0, q1, model="homography", threshold=2.0)
+    assert not mask[0] and n >= 45
+
+
+def test_ransac_deterministic_and_conf() -> None:
+    p0, p1, _ = _two_view_data(np.random.default_rng(4), n_in=60, n_out=120, noise=1.0)
+    conf = {"model": "fundamental", "threshold": 1.0, "confidence": 0.999, "max_iters": 2000, "seed": 0}
+    a = ransac_inliers(p0, p1, conf=conf)[0]
+    b = ransac_inliers(p0, p1, conf=RansacConf.from_conf(conf))[0]
+    assert np.array_equal(a, b)
+    with pytest.raises(ValueError, match="ransac.model"):
+        RansacConf(model="affine")
+    with pytest.raises(ValueError, match="differ in shape"):
+        ransac_inliers(p0, p1[:-1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# resolution policy
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_target_size_policy() -> None:
+    assert target_size(1024, 768, 640, 8) == (640, 480)
+    assert target_size(1000, 750, 640, 8) == (640, 480)
+    # 1080x695 -> 640 x 411.85 -> round 412 -> floor to multiple of 8 = 408
+    assert target_size(1080, 695, 640, 8) == (640, 408)
+    assert target_size(300, 200, 640, 8) == (296, 200)  # never upscale, only round down to the multiple
+    assert target_size(300, 200, None, 1) == (300, 200)
+    assert target_size(3264, 2448, 1024, 16) == (1024, 768)
+    assert target_size(5, 3, 640, 8) == (8, 8)  # at least one multiple
+
+
+def test_resize_maps_points_back() -> None:
+    # A bright dot at a known position of a 1000x700 image; find it in the resized image and map it back.
+    img = np.zeros((700, 1000, 3), np.uint8)
+    cv2.circle(img, (700, 210), 12, (255, 255, 255), -1)
+    r = resize_image(img, 640, 8)
+    assert isinstance(r, Resized) and r.size == (640, 448) and r.orig_size == (1000, 700)
+    g = r.image[..., 0].astype(np.float64)
+    ys, xs = np.mgrid[: g.shape[0], : g.shape[1]]
+    c = np.array([(xs * g).sum() / g.sum(), (ys * g).sum() / g.sum()])
+    back = r.to_original(c[None])[0]
+    assert np.allclose(back, [700, 210], atol=0.5)
+    t = r.tensor()
+    assert t.shape == (1, 3, 448, 640) and float(t.max()) <= 1.0
+    assert r.tensor(gray=True).shape == (1, 1, 448, 640)
+
+
+def test_load_resized_crops_query(tmp_path: Path) -> None:
+    img = np.zeros((400, 600, 3), np.uint8)
+    img[100:200, 300:500] = (0, 255, 0)
+    p = tmp_path / "a.png"
+    Image.fromarray(img).save(p)
+    r = load_resized(ImageRef("query/a", "a", p, crop=(300, 100, 500, 200)), 1024, 1)
+    assert r.orig_size == (200, 100) and (r.image[..., 1] == 255).all() and (r.image[..., 0] == 0).all()
+
+
+def test_oom_retry_runs_smaller_then_gives_up() -> None:
+    calls = []
+
+    def fn(f: float) -> float:
+        calls.append(f)
+        if f > 0.6:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return f
+
+    assert run_with_oom_retry(fn, (1.0, 0.75, 0.5)) == 0.5 and calls == [1.0, 0.75, 0.5]
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        run_with_oom_retry(fn, (1.0, 0.75))
+    with pytest.raises(ValueError):  # other errors are not retried
+        run_with_oom_retry(lambda f: (_ for _ in ()).throw(ValueError("x")), (1.0, 0.5))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# real photos: SIFT and DISK+LightGlue give clearly more inliers on the same landmark
+# ---------------------------------------------------------------------------------------------------------------
+
+SAME = ("images/paris_sacre_coeur/02928139_3448003521.jpg", "images/paris_sacre_coeur/44120379_8371960244.jpg")
+OTHER = "images_distractors/opensfm_lund_01.jpg"
+
+
+def _refs(root: Path) -> list[ImageRef]:
+    return [ImageRef(f"db/{p}", p, root / p) for p in (*SAME, OTHER)]
+
+
+def _pair_inliers(verifier, refs: list[ImageRef]) -> tuple[int, int]:
+    f = [verifier.prepare(r) for r in refs]
+    pos = ransac_inliers(*verifier.match(f[0], f[1]), model="fundamental", threshold=1.0)[1]
+    neg = ransac_inliers(*verifier.match(f[0], f[2]), model="fundamental", threshold=1.0)[1]
+    return pos, neg
+
+
+def test_sift_same_landmark_vs_distractor(shared_data: Path) -> None:
+    from loftr_tools.sift import SiftVerifier
+
+    v = SiftVerifier({"long_side": 640, "max_keypoints": 2048})
+    refs = _refs(shared_data)
+    f0 = v.prepare(refs[0])
+    assert f0["keypoints"].shape[1] == 2 and f0["descriptors"].shape[1] == 128
+    # keypoints are in original pixels: the original is 780x1063, resized to 470x640
+    assert f0["keypoints"][:, 0].max() > 640 and f0["keypoints"][:, 1].max() < 1063
+    pos, neg = _pair_inliers(v, refs)
+    assert pos >= 40 and pos > 3 * neg, (pos, neg)
+
+
+def test_lightglue_weights_load_strictly() -> None:
+    from loftr_tools.lightglue import (
+        WeightsError,
+        _load_file,
+        build_lightglue,
+        load_strict,
+        rename_lightglue_keys,
+    )
+
+    m = build_lightglue("disk")
+    assert not m.training
+    state = rename_lightglue_keys(_load_file("disk_lightglue.pth"))
+    assert any(k.startswith("transformers.0.self_attn.") for k in state)
+    assert not any(k.startswith("self_attn.") for k in state)
+    broken = dict(state)
+    broken.pop(next(k for k in broken if k.startswith("transformers.3.cross_attn.")))
+    # load_strict checks after loading, so one model serves every case
+    with pytest.raises(WeightsError, match="missing keys"):
+        load_strict(m, broken, "x.pth")
+    with pytest.raises(WeightsError, match="bogus.weight"):
+        load_strict(m, {**state, "bogus.weight": torch.zeros(1)}, "x.pth")
+    with pytest.raises(WeightsError, match="log_assignment.0.r"):
+        load_strict(m, {**state, "log_assignment.0.r": torch.tensor([2.0])}, "x.pth")
+    load_strict(m, {**state, "log_assignment.0.r": torch.tensor([1.0])}, "x.pth")  # the exact identity: fine
+    # The matching weights really are in the model (a changed parameter proves it was overwritten by the file).
+    assert torch.equal(m.state_dict()["posenc.Wr.weight"], state["posenc.Wr.weight"])
+
+
+def test_disk_lightglue_same_landmark_vs_distractor(shared_data: Path) -> None:
+    from loftr_tools.registry import build_verifier
+
+    v = build_verifier("lightglue", {"lightglue": {"long_side": 384, "max_keypoints": 384}}, "cpu")
+    assert type(v).__name__ == "DiskLightGlue" and v.conf["long_side"] == 384
+    refs = _refs(shared_data)
+    f0 = v.prepare(refs[0])
+    assert f0["keypoints"].shape[0] <= 384 and f0["descriptors"].shape[1] == 128
+    w, h = f0["image_size"].tolist()
+    assert max(w, h) <= 384 and w % 16 == 0 and h % 16 == 0
+    pos, neg = _pair_inliers(v, refs)
+    assert pos >= 60 and pos > 4 * neg, (pos, neg)
+    assert "384px" in v.cache_tag()
+
+
+def test_aliked_lightglue_runs(shared_data: Path) -> None:
+    from loftr_tools.registry import build_verifier
+
+    v = build_verifier("lightglue_aliked", {"lightglue": {"long_side": 320, "max_keypoints": 256}}, "cpu")
+    pos, neg = _pair_inliers(v, _refs(shared_data))
+    assert pos >= 30 and pos > 3 * neg, (pos, neg)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# registry and DELG-local
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_registry() -> None:
+    from loftr_tools.registry import VERIFIERS, build_verifier, verifier_section
+
+    assert set(VERIFIERS) == {"lightglue", "lightglue_aliked", "sift", "delg", "loftr"}
+    assert verifier_section("loftr") == "loftr" and verifier_section("delg") == "delg_local"
+    with pytest.raises(ConfigError, match="lightglue_aliked"):
+        build_verifier("superglue", None, "cpu")
+    v = build_verifier("sift", {"output_dir": "x", "sift": {"ratio": 0.7}}, "cpu")
+    assert v.conf["ratio"] == 0.7 and v.conf["long_side"] == 1024
+    with pytest.raises(VerifierUnavailable, match="stores"):
+        build_verifier("delg", None, "cpu")
+
+
+def _write_store(path: Path, trained: bool | None, items: dict[str, tuple[np.ndarray, np.ndarray]]) -> Path:
+    from delg.store import FeatureStore
+
+    with FeatureStore(path, "a", preset="test", split="x") as st:
+        if trained is not None:
+            st.set_model_meta({"trained_local": trained})
+        for name, (kp, desc) in items.items():
+            st.write(name, {"global": np.ones(4), "keypoints": kp, "descriptors": desc,
+                            "scores": np.linspace(1, 0, len(kp)), "image_size": (640, 480)})
+    return path
+
+
+def test_delg_local_untrained_head_is_unavailable(tmp_path: Path) -> None:
+    from loftr_tools.delg_local import DelgLocalVerifier
+
+    kp, d = np.zeros((3, 2)), np.eye(3, 8)
+    q = _write_store(tmp_path / "q.h5", False, {"a": (kp, d)})
+    with pytest.raises(VerifierUnavailable, match="model.checkpoint="):
+        DelgLocalVerifier(stores={"query": q, "db": q})
+
+
+def test_delg_local_matches_and_ransac(tmp_path: Path) -> None:
+    from loftr_tools.delg_local import DelgLocalVerifier, nn_match
+
+    rng = np.random.default_rng(0)
+    n = 40
+    desc = rng.normal(size=(n, 16))
+    desc /= np.linalg.norm(desc, axis=1, keepdims=True)
+    kp0 = rng.uniform(0, 500, size=(n, 2))
+    kp1 = kp0 * 0.8 + [20, 5]  # a similarity: a homography with every point an inlier
+    # db image: the same descriptors slightly perturbed and shuffled, plus 10 unrelated ones
+    perm = rng.permutation(n)
+    noise = rng.normal(scale=0.02, size=(n, 16))
+    desc1 = np.r_[desc[perm] + noise, rng.normal(size=(10, 16))]
+    kp1 = np.r_[kp1[perm], rng.uniform(0, 500, size=(10, 2))]
+    store = _write_store(tmp_path / "s.h5", True, {"q/a": (kp0, desc), "b": (kp1, desc1)})
+    v = DelgLocalVerifier({"distance_threshold": 0.5}, stores={"query": store, "db": store})
+    fa = v.prepare(ImageRef("query/q/a", "q/a", Path("unused")))
+    fb = v.prepare(ImageRef("db/b", "b", Path("unused")))
+    with pytest.raises(ImageReadError, match="no features for image 'c'"):
+        v.prepare(ImageRef("db/c", "c", Path("unused")))
+    p0, p1 = v.match(fa, fb)
+    assert len(p0) == n  # each query descriptor finds its perturbed copy, nothing else is that close
+    assert np.allclose(p1, p0 * 0.8 + [20, 5], atol=1e-3)
+    assert ransac_inliers(p0, p1, model="homography", threshold=1.0)[1] == n
+    # a strict threshold keeps nothing
+    assert len(nn_match(kp0, desc, kp1, desc1, threshold=1e-4)[0]) == 0
+    v.close()
