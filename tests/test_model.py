@@ -1,0 +1,262 @@
+"""DELG model: ImageNet weights, extraction contract, keypoint centres, checkpoints, pycls import."""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from delg.config import load_config
+from delg.model import DELG, CheckpointError, ModelError, build_model
+from delg.model.backbones import create_timm
+
+torch.set_num_threads(1)
+
+
+def _conf(**kw):
+    return load_config(None, [f"model.{k}={v}" for k, v in kw.items()]).model
+
+
+@pytest.fixture(scope="module")
+def lite() -> DELG:
+    return build_model(_conf())
+
+
+def test_efficientnet_lite0_imagenet_weights_classify_chelsea():
+    from PIL import Image
+    from skimage import data
+
+    net = create_timm("efficientnet_lite0", pretrained=True).eval()
+    im = Image.fromarray(data.chelsea()).resize((224, 224), Image.BILINEAR)
+    x = torch.from_numpy(np.array(im)).permute(2, 0, 1).float()[None] / 255
+    x = (x - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    with torch.no_grad():
+        assert int(net(x).argmax()) == 285  # Egyptian cat
+
+
+def test_extract_contract_off_the_shelf(lite):
+    m = lite
+    assert not m.training and m.meta["trained_global"] is False and m.meta["trained_local"] is False
+    assert m.meta["global_dim"] == 1280 and m.meta["local_dim"] == 64 and m.meta["checkpoint"] is None
+    x = torch.randn(2, 3, 96, 128)
+    out = m.extract(x)
+    assert out["global"].shape == (2, 1280)
+    assert torch.allclose(out["global"].norm(dim=1), torch.ones(2), atol=1e-5)
+    assert out["attention"].shape == (2, 6, 8) and (out["attention"] > 0).all()
+    assert out["local"].shape == (2, 6, 8, 64)
+    assert torch.allclose(out["local"].norm(dim=-1), torch.ones(2, 6, 8), atol=1e-4)
+    # Off the shelf = GeM + L2 of the ImageNet features, no untrained whitening.
+    with torch.no_grad():
+        f = m.backbone.forward32(m.backbone.forward16(x)).clamp(min=1e-6)
+        gem = f.pow(3).mean(dim=(2, 3)).pow(1 / 3)
+    assert torch.allclose(out["global"], F.normalize(gem, dim=1), atol=1e-5)
+
+
+def test_stride16_computed_once_and_global_skippable(lite):
+    m = lite
+    calls = {"s16": 0, "s32": 0}
+    h1 = m.backbone.stage16.register_forward_hook(lambda *a: calls.__setitem__("s16", calls["s16"] + 1))
+    h2 = m.backbone.stage32.register_forward_hook(lambda *a: calls.__setitem__("s32", calls["s32"] + 1))
+    try:
+        out = m.extract(torch.randn(1, 3, 64, 64), want_global=False, want_local=True)
+        assert set(out) == {"attention", "local"} and calls == {"s16": 1, "s32": 0}
+        m.extract(torch.randn(1, 3, 64, 64))
+        assert calls == {"s16": 2, "s32": 1}
+        out = m.extract(torch.randn(1, 3, 64, 64), want_local=False)
+        assert set(out) == {"global"}
+    finally:
+        h1.remove()
+        h2.remove()
+
+
+def _gradient_support_centre(trunk: torch.nn.Module, size: int, cell: tuple[int, int]) -> tuple[float, float]:
+    """Independent receptive-field centre: the input pixels that one output cell depends on.
+
+    Positive weights, identity BN and average pooling make every path non-zero, so the support of the gradient
+    is exactly the receptive field (clipped to the image; the cell is chosen well inside).
+    """
+    t = copy.deepcopy(trunk).eval()
+    for name, mod in list(t.named_modules()):
+        if isinstance(mod, torch.nn.Conv2d):
+            with torch.no_grad():
+                mod.weight.fill_(1.0 / (mod.weight[0].numel()))
+                if mod.bias is not None:
+                    mod.bias.zero_()
+        elif isinstance(mod, torch.nn.BatchNorm2d):
+            mod.reset_parameters()
+            mod.running_mean.zero_()
+            mod.running_var.fill_(1 - mod.eps)
+        elif isinstance(mod, torch.nn.MaxPool2d):
+            parent = t.get_submodule(name.rpartition(".")[0]) if "." in name else t
+            setattr(parent, name.rpartition(".")[2],
+                    torch.nn.AvgPool2d(mod.kernel_size, mod.stride, mod.padding, count_include_pad=False))
+    x = torch.full((1, 3, size, size), 0.1, requires_grad=True)
+    y = t(x)
+    y[0, :, cell[0], cell[1]].sum().backward()
+    ys, xs = np.nonzero(x.grad[0].abs().sum(0).numpy() > 0)
+    return (xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2
+
+
+@pytest.mark.parametrize("backbone,size", [("efficientnet_lite0", 448), ("resnet50", 448)])
+def test_keypoint_centers_match_receptive_field(backbone, size):
+    m = DELG(backbone=backbone, pretrained=False)
+    h = w = size // 16
+    cell = (h // 2, w // 2 - 1)
+    cx, cy = _gradient_support_centre(m.backbone.stage16, size, cell)
+    centers = m.keypoint_centers(h, w)
+    assert centers.shape == (h * w, 2)
+    got = centers[cell[0] * w + cell[1]]
+    assert float(got[0]) == pytest.approx(cx) and float(got[1]) == pytest.approx(cy)
+
+
+def test_bad_backbone_and_missing_resnet_weights(tmp_path, monkeypatch):
+    with pytest.raises(ModelError, match="efficientnet_lite0"):
+        build_model(_conf(backbone="vgg16"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setattr("delg.model.backbones.REPO_ROOT", tmp_path)
+    with pytest.raises(ModelError, match="resnet50_imagenet.pth"):
+        build_model(_conf(backbone="resnet50"))
+
+
+def test_resnet_weights_from_local_file(tmp_path, monkeypatch):
+    ref = create_timm("resnet50", pretrained=False)
+    torch.save(ref.state_dict(), tmp_path / "resnet50_imagenet.pth")
+    monkeypatch.setenv("DELG_WEIGHTS", str(tmp_path))
+    m = build_model(_conf(backbone="resnet50"))
+    assert torch.equal(m.backbone.stage16.layer3[2].conv2.weight, ref.layer3[2].conv2.weight)
+
+
+def test_save_load_roundtrip_and_architecture_check(tmp_path):
+    m = DELG("efficientnet_lite0", pretrained=False, whiten_dim=32, local_dim=16, num_classes=7,
+             trained_global=True, trained_local=True)
+    with torch.no_grad():
+        m.global_head.pool.p.fill_(2.5)
+    p = m.save(tmp_path / "ck.pth", epoch=3, config={"a": 1})
+    ck = torch.load(p, weights_only=True)
+    assert ck["format_version"] == 1 and ck["epoch"] == 3 and ck["config"] == {"a": 1}
+    assert ck["meta"]["num_classes"] == 7 and ck["meta"]["backbone"] == "efficientnet_lite0"
+    m2 = build_model(_conf(checkpoint=str(p), global_dim=999))  # dims come from the checkpoint
+    assert m2.meta["global_dim"] == 32 and m2.meta["local_dim"] == 16 and m2.meta["trained_local"]
+    assert m2.meta["checkpoint"] == str(p)
+    x = torch.randn(1, 3, 64, 64)
+    a, b = m.eval().extract(x), m2.extract(x)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6)
+    with pytest.raises(ModelError, match="model.backbone=efficientnet_lite0"):
+        build_model(_conf(checkpoint=str(p), backbone="resnet50"))
+    bad = dict(ck)
+    bad["model_state"] = {k: v for k, v in ck["model_state"].items() if "att_bn" not in k}
+    torch.save(bad, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match="missing: .*att_bn"):
+        build_model(_conf(checkpoint=str(tmp_path / "bad.pth")))
+
+
+class _Legacy:  # an arbitrary pickled object, as old checkpoints hold (pickled configs)
+    pass
+
+
+def test_untrusted_pickle_refused_unless_trusted(tmp_path):
+    m = DELG("efficientnet_lite0", pretrained=False, trained_global=True)
+    p = m.save(tmp_path / "ck.pth", extra={"cfg_obj": _Legacy()})
+    with pytest.raises(CheckpointError, match="_Legacy.*checkpoint_trust=true"):
+        build_model(_conf(checkpoint=str(p)))
+    assert build_model(_conf(checkpoint=str(p), checkpoint_trust=True)).meta["trained_global"]
+
+
+# ------------------------------------------------------------------------------------------ pycls import
+def _pycls_resnet50_state(n_cls: int, dim: int, gen: torch.Generator) -> OrderedDict:
+    """A pycls DELG ``model_state`` written from the pycls architecture (feymanpriv/DELG model/resnet.py)."""
+    sd: OrderedDict = OrderedDict()
+
+    def conv(name, cout, cin, k):
+        sd[f"{name}.weight"] = torch.randn(cout, cin, k, k, generator=gen) * (2 / (cin * k * k)) ** 0.5
+
+    def bn(name, c):
+        sd[f"{name}.weight"] = 1 + 0.1 * torch.randn(c, generator=gen)
+        sd[f"{name}.bias"] = 0.1 * torch.randn(c, generator=gen)
+        sd[f"{name}.running_mean"] = 0.1 * torch.randn(c, generator=gen)
+        sd[f"{name}.running_var"] = 1 + 0.1 * torch.rand(c, generator=gen)
+        sd[f"{name}.num_batches_tracked"] = torch.tensor(5)
+
+    conv("globalmodel.stem.conv", 64, 3, 7)
+    bn("globalmodel.stem.bn", 64)
+    w_in = 64
+    for s, (d, w_out) in enumerate(zip((3, 4, 6, 3), (256, 512, 1024, 2048)), start=1):
+        w_b = w_out // 4
+        for b in range(1, d + 1):
+            pre = f"globalmodel.s{s}.b{b}"
+            cin = w_in if b == 1 else w_out
+            if b == 1:
+                conv(f"{pre}.proj", w_out, cin, 1)
+                bn(f"{pre}.bn", w_out)
+            conv(f"{pre}.f.a", w_b, cin, 1)
+            bn(f"{pre}.f.a_bn", w_b)
+            conv(f"{pre}.f.b", w_b, w_b, 3)
+            bn(f"{pre}.f.b_bn", w_b)
+            conv(f"{pre}.f.c", w_out, w_b, 1)
+            bn(f"{pre}.f.c_bn", w_out)
+        w_in = w_out
+    sd["globalmodel.head.pool.p"] = torch.tensor([2.7])
+    sd["globalmodel.head.fc.weight"] = torch.randn(dim, 2048, generator=gen) * 0.02
+    sd["globalmodel.head.fc.bias"] = torch.randn(dim, generator=gen) * 0.02
+    sd["desc_cls.weight"] = torch.randn(n_cls, dim, generator=gen)
+    sd["desc_cls.t"] = torch.zeros(1)
+    sd["localmodel.conv1.weight"] = torch.randn(512, 1024, 1, 1, generator=gen) * 0.03
+    sd["localmodel.conv1.bias"] = torch.randn(512, generator=gen) * 0.03
+    bn("localmodel.bn", 512)
+    sd["localmodel.conv2.weight"] = torch.randn(1, 512, 1, 1, generator=gen) * 0.03
+    sd["localmodel.conv2.bias"] = torch.randn(1, generator=gen) * 0.03
+    sd["att_cls.fc.weight"] = torch.randn(n_cls, 512, generator=gen) * 0.03
+    sd["att_cls.fc.bias"] = torch.randn(n_cls, generator=gen) * 0.03
+    return sd
+
+
+def test_pycls_checkpoint_import(tmp_path):
+    sd = _pycls_resnet50_state(n_cls=11, dim=512, gen=torch.Generator().manual_seed(0))
+    path = tmp_path / "r50_delg_s512.pyth"
+    torch.save({"epoch": 10, "model_state": sd, "optimizer_state": {}, "cfg": "MODEL:\n  DEPTH: 50\n"}, path)
+    m = build_model(_conf(backbone="resnet50", checkpoint=str(path)))
+    meta = m.meta
+    assert meta["backbone"] == "resnet50" and meta["global_dim"] == 512 and meta["local_dim"] == 512
+    assert meta["num_classes"] == 11 and meta["trained_local"] and meta["trained_global"]
+    bb = m.backbone
+    assert torch.equal(bb.stage16.conv1.weight, sd["globalmodel.stem.conv.weight"])
+    assert torch.equal(bb.stage16.layer3[5].conv2.weight, sd["globalmodel.s3.b6.f.b.weight"])
+    assert torch.equal(bb.stage32.layer4[0].downsample[1].running_var, sd["globalmodel.s4.b1.bn.running_var"])
+    assert torch.equal(m.arcface.weight, sd["desc_cls.weight"])
+
+    # Outputs against a hand-written pycls forward of the heads on the same stride-16 map.
+    x = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(1))
+    out = m.extract(x)
+    with torch.no_grad():
+        f16 = bb.forward16(x)
+        f32 = bb.forward32(f16)
+
+        def bn(t, name):
+            return F.batch_norm(t, sd[f"{name}.running_mean"], sd[f"{name}.running_var"], sd[f"{name}.weight"],
+                                sd[f"{name}.bias"], False, 0.0, 1e-5)
+
+        p = sd["globalmodel.head.pool.p"]
+        g = f32.clamp(min=1e-6).pow(p).mean(dim=(2, 3)).pow(1 / p)
+        g = F.linear(g, sd["globalmodel.head.fc.weight"], sd["globalmodel.head.fc.bias"])
+        h = bn(F.conv2d(f16, sd["localmodel.conv1.weight"], sd["localmodel.conv1.bias"]), "localmodel.bn")
+        att = F.softplus(F.conv2d(F.relu(h), sd["localmodel.conv2.weight"], sd["localmodel.conv2.bias"]))
+    assert torch.allclose(out["global"], F.normalize(g, dim=1), atol=1e-5)
+    assert torch.allclose(out["attention"], att[:, 0], rtol=1e-4, atol=1e-5)
+    assert torch.allclose(out["local"], F.normalize(h, dim=1).permute(0, 2, 3, 1), atol=1e-5)
+
+    # Strictness: an unknown key and a missing block are reported by name.
+    sd2 = OrderedDict(sd)
+    sd2["globalmodel.extra.weight"] = torch.zeros(1)
+    torch.save({"model_state": sd2}, tmp_path / "x.pyth")
+    with pytest.raises(CheckpointError, match="globalmodel.extra.weight"):
+        build_model(_conf(backbone="resnet50", checkpoint=str(tmp_path / "x.pyth")))
+    sd3 = OrderedDict((k, v) for k, v in sd.items() if not k.startswith("globalmodel.s2.b2.f.c."))
+    torch.save({"model_state": sd3}, tmp_path / "y.pyth")
+    with pytest.raises(CheckpointError, match=r"missing: .*layer2\.1\.conv3\.weight"):
+        build_model(_conf(backbone="resnet50", checkpoint=str(tmp_path / "y.pyth")))
+
