@@ -130,7 +130,6 @@ def main(conf: Config) -> Path:
 
     rankings: dict[str, np.ndarray] = {"global": ranks[:, keep]}
     results: dict[str, Any] = {"global": _evaluate(gnd, ranks[:, keep], dataset.n_db)}
-    _save_ranks(out_dir / "ranks" / "global.npz", ranks, scores=scores)
     inliers_for_report: dict[str, dict[tuple[int, int], int]] = {}
     match_fns: dict[str, Any] = {}
     verifier_skips: list[dict[str, str]] = []
@@ -151,7 +150,7 @@ def main(conf: Config) -> Path:
             if not any(s["split"] + "/" + s["name"] == key for s in skipped):
                 verifier_skips.append({"method": method, "image": key, "reason": img_err})
         print(f"[{method}] {rr.stats.summary()}")
-        _save_ranks(out_dir / "ranks" / f"{method}.npz", new_ranks, inliers=inliers)
+        _save_ranks(out_dir / "ranks" / f"rerank-{method}.npz", new_ranks, inliers=inliers)
         results[method] = _evaluate(gnd, new_ranks, dataset.n_db)
         shown = new_ranks["medium"] if isinstance(new_ranks, dict) else new_ranks
         shown_inl = inliers["medium"] if isinstance(inliers, dict) else inliers

@@ -488,6 +488,23 @@ class Reranker:
             return out_r, out_i
         return out_r["all"], out_i["all"]
 
+    def inlier_matches(self, dataset: Any, query: int, db: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """RANSAC-inlier correspondences ``(pts0, pts1)`` (each ``(N, 2)``, original cropped pixels) of dataset
+        query ``query`` and database image ``db``, for pictures (report.html); ``None`` if an image is unreadable.
+
+        Uses the feature cache, so the top hits just reranked are usually not prepared again.
+        """
+        qrefs, drefs = dataset_refs(dataset)
+        f0, f1 = self._prepare(qrefs[query]), self._prepare(drefs[db])
+        if f0 is None or f1 is None:
+            return None
+        p0, p1 = self.verifier.match(f0, f1)
+        mask, _ = ransac_inliers(p0, p1, conf=self.ransac)
+        mask = np.asarray(mask, bool).reshape(-1)
+        if mask.size != len(p0):
+            return np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32)
+        return np.asarray(p0)[mask], np.asarray(p1)[mask]
+
     def close(self) -> None:
         self.cache.close()
         close = getattr(self.verifier, "close", None)
@@ -525,6 +542,28 @@ def rerank(
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def open_reranker(conf: Any, dataset: Any, method: str) -> Reranker:
+    """The :class:`Reranker` of ``method`` for a run config: verifier from the registry (built once), the run's
+    inlier cache, and for 'delg' the run's feature stores.
+
+    Raises:
+        VerifierUnavailable: the verifier cannot run here (missing weights, untrained local head).
+    """
+    from loftr_tools.registry import build_verifier
+
+    rc = conf.rerank
+    ctx: dict[str, Any] = {}
+    if method == "delg":
+        from delg.extract import store_path
+
+        ctx["stores"] = {"query": Path(rc.query_store) if rc.get("query_store") else store_path(conf, dataset.name, "query"),
+                         "db": Path(rc.db_store) if rc.get("db_store") else store_path(conf, dataset.name, "db")}
+    verifier = build_verifier(method, conf, conf.device, **ctx)
+    cache = Reranker.default_cache_path(conf.output_dir, verifier, conf.ransac) if rc.cache else None
+    return Reranker(verifier, conf.ransac, cache, rc.feature_cache_mb, bool(conf.progress),
+                    rc.oom_retry_factors, rc.min_inliers)
+
+
 def main(conf: Any, method: str | None = None, dataset: Any = None) -> Path:
     """Rerank the global ranking of ``conf`` with ``method`` (default: each of ``conf.rerank.methods``).
 
@@ -532,7 +571,6 @@ def main(conf: Any, method: str | None = None, dataset: Any = None) -> Path:
     ``rerank.global_ranks``), writes ``<output_dir>/ranks/rerank-<method>.npz`` (``ranks`` (R, Q), ``inliers``
     (K, Q); with ``junk_before_rerank``: ``ranks_<protocol>`` / ``inliers_<protocol>``) and returns the last file.
     """
-    from loftr_tools.registry import build_verifier
 
     if dataset is None:
         from delg.data.dataset import load_dataset
@@ -549,16 +587,7 @@ def main(conf: Any, method: str | None = None, dataset: Any = None) -> Path:
     methods = [method] if method else list(rc.methods)
     written = out_dir
     for m in methods:
-        ctx: dict[str, Any] = {}
-        if m == "delg":
-            from delg.extract import store_path
-
-            ctx["stores"] = {"query": Path(rc.query_store) if rc.get("query_store") else store_path(conf, dataset.name, "query"),
-                             "db": Path(rc.db_store) if rc.get("db_store") else store_path(conf, dataset.name, "db")}
-        verifier = build_verifier(m, conf, conf.device, **ctx)
-        cache = Reranker.default_cache_path(out_dir, verifier, conf.ransac) if rc.cache else None
-        rr = Reranker(verifier, conf.ransac, cache, rc.feature_cache_mb, bool(conf.progress),
-                      rc.oom_retry_factors, rc.min_inliers)
+        rr = open_reranker(conf, dataset, m)
         try:
             new_ranks, inliers = rr.rerank(dataset, ranks, scores, int(rc.top_k), bool(rc.junk_before_rerank))
         finally:
