@@ -58,10 +58,9 @@ def _skipped_report(dataset: RetrievalDataset, missing_db: list[int], missing_q:
                 data = json.loads(p.read_text())
             except ValueError:
                 continue
-            items = data.get("skipped", data) if isinstance(data, dict) else {}
-            if isinstance(items, dict):
-                for name, why in items.items():
-                    reasons[f"{split}/{name}"] = why.get("error", str(why)) if isinstance(why, dict) else str(why)
+            for item in data if isinstance(data, list) else []:  # [{"name", "path", "error"}, ...]
+                if isinstance(item, dict) and "name" in item:
+                    reasons[f"{split}/{item['name']}"] = str(item.get("error", item.get("reason", "unreadable")))
     out = []
     for i in missing_db:
         n = dataset.db_names[i]
