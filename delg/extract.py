@@ -1,0 +1,633 @@
+"""One-pass multi-scale DELG extraction into resumable HDF5 feature stores.
+
+For every image (queries cropped to their bbx), resized so its long side is at most ``extract.max_size``, the
+model runs once per scale of ``extract.scales``; scales of ``extract.global_scales`` ask for both heads (the
+stride-16 map is shared), the others stop the backbone at stride 16.  The global descriptor is the L2-normalised
+sum of the per-scale ones; local features are the top ``max_keypoints`` by attention over all scales, their
+receptive-field centres mapped back to pixels of the (cropped) original image.
+
+Outputs, under ``<output_dir>/features/<dataset>/``:
+    ``<preset>-db.h5``, ``<preset>-query.h5``  the stores (``delg.store``); ``query_full`` when queries are not cropped
+    ``<store>.skipped.json``                    images that could not be read (skipped, the rest proceeds)
+    ``<store>.progress.json``                   images done / total, rewritten after every image
+
+Sharding (``shard=i/n`` or torchrun's RANK/WORLD_SIZE): part ``i`` takes images ``i, i+n, ...`` of each split into
+``<preset>-<split>.part-i-of-n.h5``; the last part to finish merges all parts into the store (``extract.merge=true``
+merges by hand, e.g. after a crash of the last one).  Run on its own::
+
+    python -m delg.extract --config configs/demo.yaml [shard=0/4] [overwrite=true]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from delg.config import Config, ConfigError, load_config, split_cli
+from delg.data.images import ImageReadError, load_pil, resize_max_side
+from delg.store import FeatureStore, StoreError
+
+SCALE_TOL = 1e-6
+
+
+class ExtractError(ValueError):
+    """An extraction setting is invalid; the message names the key."""
+
+
+# ---------------------------------------------------------------------------------------------- settings, names
+@dataclass(frozen=True)
+class ExtractSettings:
+    scales: tuple[float, ...]
+    global_scales: tuple[float, ...]
+    max_size: int | None
+    local: bool
+    max_keypoints: int
+    attention_threshold: float
+
+    @classmethod
+    def from_conf(cls, conf: Config) -> ExtractSettings:
+        x = conf.extract
+        scales = tuple(float(s) for s in x.scales)
+        gscales = tuple(float(s) for s in x.global_scales)
+        if not scales or any(s <= 0 for s in scales):
+            raise ExtractError(f"extract.scales: need positive scales, got {list(x.scales)}")
+        if not gscales:
+            raise ExtractError("extract.global_scales: need at least one scale")
+        for g in gscales:
+            if not any(abs(g - s) < SCALE_TOL for s in scales):
+                raise ExtractError(f"extract.global_scales: {g} is not one of extract.scales {list(scales)}")
+        if x.max_keypoints is None or int(x.max_keypoints) < 1:
+            raise ExtractError(f"extract.max_keypoints: need a positive integer, got {x.max_keypoints}")
+        return cls(
+            scales=scales,
+            global_scales=gscales,
+            max_size=int(x.max_size) if x.max_size else None,
+            local=bool(x.local),
+            max_keypoints=int(x.max_keypoints),
+            attention_threshold=float(x.attention_threshold if x.attention_threshold is not None else -np.inf),
+        )
+
+    def is_global(self, s: float) -> bool:
+        return any(abs(s - g) < SCALE_TOL for g in self.global_scales)
+
+
+MODEL_KEYS = ("backbone", "pretrained", "global_dim", "local_dim", "gem_p", "checkpoint")
+
+
+@lru_cache(maxsize=8)
+def _file_digest(path: str) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()[:10]
+
+
+def extraction_settings(conf: Config, split: str | None = None) -> dict[str, Any]:
+    """Everything that changes the stored features: recorded in the store and hashed into the preset name."""
+    xs = ExtractSettings.from_conf(conf)
+    model = {k: conf.model.get(k) for k in MODEL_KEYS}
+    if model["checkpoint"]:
+        ckpt = Path(model["checkpoint"])
+        if not ckpt.is_file():
+            raise ConfigError(f"model.checkpoint: file not found: {ckpt}")
+        model["checkpoint_sha1"] = _file_digest(str(ckpt.resolve()))
+        model["checkpoint"] = ckpt.name  # the content digest identifies it; the folder it sits in does not matter
+    else:
+        model["seed"] = conf.seed  # the untrained local head is randomly initialised from the seed
+    out: dict[str, Any] = {
+        "model": model,
+        "scales": list(xs.scales),
+        "global_scales": list(xs.global_scales),
+        "max_size": xs.max_size,
+        "local": xs.local,
+        "float16": bool(conf.extract.float16),
+    }
+    if xs.local:
+        out["max_keypoints"] = xs.max_keypoints
+        out["attention_threshold"] = xs.attention_threshold
+    if split is not None:
+        out["split"] = split
+    return out
+
+
+def preset_name(conf: Config) -> str:
+    """``feats-<backbone>-<weights>-s<n scales>-<max_size>-<hash>``, e.g. ``feats-resnet50-imagenet-s7-1024-3f2a9c1b``.
+
+    ``weights`` is ``ckpt<digest>`` (a checkpoint), ``imagenet`` or ``random``; the hash covers every setting of
+    :func:`extraction_settings`, so different settings never share a file.
+    """
+    s = extraction_settings(conf)
+    m = s["model"]
+    weights = f"ckpt{m['checkpoint_sha1'][:6]}" if m.get("checkpoint") else ("imagenet" if m["pretrained"] else "random")
+    size = s["max_size"] or "full"
+    tag = "" if s["local"] else "-global"
+    h = hashlib.sha1(json.dumps(s, sort_keys=True).encode()).hexdigest()[:8]
+    return f"feats-{m['backbone']}-{weights}-s{len(s['scales'])}-{size}{tag}-{h}"
+
+
+def split_tag(conf: Config, split: str) -> str:
+    if split == "query" and not conf.dataset.get("query_crop", True):
+        return "query_full"
+    return split
+
+
+def features_dir(conf: Config, dataset_name: str) -> Path:
+    return Path(conf.output_dir) / "features" / dataset_name
+
+
+def store_path(conf: Config, dataset_name: str, split: str) -> Path:
+    """Path of the (merged) store of one split: ``<output_dir>/features/<dataset>/<preset>-<split>.h5``."""
+    return features_dir(conf, dataset_name) / f"{preset_name(conf)}-{split_tag(conf, split)}.h5"
+
+
+def part_path(main: Path, i: int, n: int) -> Path:
+    return main.with_name(f"{main.stem}.part-{i}-of-{n}.h5")
+
+
+def sidecar(store: Path, kind: str) -> Path:
+    """``x.h5`` -> ``x.<kind>.json`` (kind: skipped, progress)."""
+    return store.with_name(f"{store.stem}.{kind}.json")
+
+
+def parse_shard(conf: Config) -> tuple[int, int] | None:
+    """``shard="i/n"`` (0-based), else torchrun's ``RANK``/``WORLD_SIZE``, else ``None`` (everything)."""
+    raw = conf.get("shard")
+    if raw not in (None, ""):
+        try:
+            i, n = (int(v) for v in str(raw).split("/"))
+        except ValueError:
+            raise ConfigError(f"shard: expected 'i/n' (e.g. 0/4), got {raw!r}") from None
+        if not (n >= 1 and 0 <= i < n):
+            raise ConfigError(f"shard: need 0 <= i < n, got {raw!r}")
+        return (i, n) if n > 1 else None
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        return int(os.environ.get("RANK", "0")), world
+    return None
+
+
+def resolve_device(conf: Config) -> torch.device:
+    dev = str(conf.get("device", "auto"))
+    if dev == "auto":
+        if torch.cuda.is_available():
+            return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+        return torch.device("cpu")
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device: '{dev}' asked but CUDA is not available")
+    return torch.device(dev)
+
+
+# ---------------------------------------------------------------------------------------------- the model
+def load_model(conf: Config) -> torch.nn.Module:
+    """``build_model(conf.model)`` on the configured device; seeded, so untrained heads are reproducible."""
+    from delg.model import build_model
+
+    torch.manual_seed(int(conf.seed))
+    return build_model(conf.model).to(resolve_device(conf)).eval()
+
+
+def _norm_consts(model: torch.nn.Module, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = torch.as_tensor(model.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    std = torch.as_tensor(model.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    return mean, std
+
+
+def _autocast(device: torch.device, mixed_precision: bool) -> Any:
+    if mixed_precision and device.type == "cuda":
+        # float16, not bfloat16: inference activations fit its range and it keeps 3 more mantissa bits
+        return torch.autocast("cuda", dtype=torch.float16)
+    return nullcontext()
+
+
+def rescale(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """(1, 3, H, W) -> (1, 3, round(H*s), round(W*s)); bilinear, antialiased when shrinking."""
+    if abs(scale - 1.0) < SCALE_TOL:
+        return x
+    h, w = x.shape[-2:]
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=scale < 1)
+
+
+def _to_input(image: torch.Tensor, model: torch.nn.Module, device: torch.device) -> torch.Tensor:
+    """(3, H, W) uint8 or float in [0, 1] -> (1, 3, H, W) normalised float32 on ``device``."""
+    x = image.to(device)
+    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    mean, std = _norm_consts(model, device)
+    return (x[None] - mean) / std
+
+
+def select_local(
+    per_scale: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], max_keypoints: int, threshold: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top ``max_keypoints`` by attention over all scales, ties broken by (scale, cell) order.
+
+    Args:
+        per_scale: per scale ``(scores (M,), keypoints (M, 2) original pixels, descriptors (M, d))``.
+
+    Returns:
+        ``keypoints (N, 2)``, ``descriptors (N, d)``, ``scores (N,)``, sorted by decreasing score.
+    """
+    kept = []
+    for sc, kp, de in per_scale:
+        idx = np.flatnonzero(sc >= threshold)
+        # The global top-k is inside the union of the per-scale top-k: cut each scale first to bound memory.
+        idx = idx[np.argsort(-sc[idx], kind="stable")[:max_keypoints]]
+        idx.sort()  # back to cell order so that the global stable sort breaks ties by (scale, cell)
+        kept.append((sc[idx], kp[idx], de[idx]))
+    sc = np.concatenate([k[0] for k in kept])
+    kp = np.concatenate([k[1] for k in kept])
+    de = np.concatenate([k[2] for k in kept])
+    order = np.argsort(-sc, kind="stable")[:max_keypoints]
+    return kp[order].astype(np.float32), de[order].astype(np.float32), sc[order].astype(np.float32)
+
+
+def extract_multiscale(
+    model: torch.nn.Module,
+    image: torch.Tensor,
+    settings: ExtractSettings,
+    orig_size: tuple[int, int] | None = None,
+    mixed_precision: bool = False,
+) -> dict[str, np.ndarray]:
+    """DELG features of one image in one pass per scale.
+
+    Args:
+        model: a :class:`delg.model.DELG` (or anything with ``extract``, ``keypoint_centers``, ``mean``, ``std``).
+        image: (3, H, W) uint8 (or float in [0, 1]) RGB, already limited to ``max_size``.
+        settings: scales, global scales, keypoint budget and threshold.
+        orig_size: (w, h) of the image the keypoints refer to (before the ``max_size`` resize); default (W, H).
+        mixed_precision: autocast on CUDA (ignored on CPU).
+
+    Returns:
+        ``global`` (D,) float32 L2-normalised; with ``settings.local`` also ``keypoints`` (N, 2) float32 xy in
+        ``orig_size`` pixels, ``descriptors`` (N, d) float32, ``scores`` (N,) float32; and ``image_size`` (2,).
+    """
+    device = next(model.parameters()).device
+    x = _to_input(image, model, device)
+    h0, w0 = x.shape[-2:]
+    ow, oh = orig_size if orig_size is not None else (w0, h0)
+    gsum: torch.Tensor | None = None
+    per_scale = []
+    with torch.inference_mode(), _autocast(device, mixed_precision):
+        for s in settings.scales:
+            want_g = settings.is_global(s)
+            if not (want_g or settings.local):
+                continue
+            xs = rescale(x, s)
+            out = model.extract(xs, want_global=want_g, want_local=settings.local)
+            if want_g:
+                g = out["global"][0].float()
+                gsum = g if gsum is None else gsum + g
+            if settings.local:
+                att = out["attention"][0].float()
+                h, w = att.shape
+                loc = out["local"][0].float().reshape(h * w, -1)
+                xy = torch.as_tensor(model.keypoint_centers(h, w), dtype=torch.float32).cpu().numpy()
+                # receptive-field centres (pixels of this scale) -> pixels of the original (cropped) image
+                fx, fy = xs.shape[-1] / ow, xs.shape[-2] / oh
+                xy = xy / np.array([fx, fy], np.float32)
+                per_scale.append((att.reshape(-1).cpu().numpy(), xy, loc.cpu().numpy()))
+    assert gsum is not None
+    out_np = {"global": F.normalize(gsum, dim=0).cpu().numpy().astype(np.float32)}
+    if settings.local:
+        kp, de, sc = select_local(per_scale, settings.max_keypoints, settings.attention_threshold)
+        out_np.update(keypoints=kp, descriptors=de, scores=sc)
+    out_np["image_size"] = np.array([ow, oh], np.int64)
+    return out_np
+
+
+def pil_to_tensor(im: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> (3, H, W) uint8."""
+    return torch.from_numpy(np.array(im, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+
+
+def extract_one(model: torch.nn.Module, image_pil: Image.Image, conf: Config) -> dict[str, np.ndarray]:
+    """Features of one new photo (already cropped if needed), as stored for dataset images (see ``extract_multiscale``)."""
+    xs = ExtractSettings.from_conf(conf)
+    im = image_pil.convert("RGB") if image_pil.mode != "RGB" else image_pil
+    size = im.size
+    small = resize_max_side(im, xs.max_size)
+    dev = next(model.parameters()).device
+    mp = bool(conf.get("mixed_precision", False)) and dev.type == "cuda"
+    return extract_multiscale(model, pil_to_tensor(small), xs, orig_size=size, mixed_precision=mp)
+
+
+# ---------------------------------------------------------------------------------------------- input pipeline
+@dataclass(frozen=True)
+class Item:
+    name: str
+    path: Path
+    crop: tuple[float, float, float, float] | None = None
+
+
+class ImageLoader(torch.utils.data.Dataset):
+    """Decodes (EXIF, colour modes, crop via ``load_pil``) and resizes in DataLoader workers.
+
+    Returns ``{'index', 'name', 'image' (3, H, W) uint8, 'size' (w, h) before resizing}`` or, for an unreadable
+    image, ``{'index', 'name', 'error'}`` so the main process can report it and go on.
+    """
+
+    def __init__(self, items: Sequence[Item], max_size: int | None) -> None:
+        self.items = list(items)
+        self.max_size = max_size
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        it = self.items[i]
+        try:
+            im = load_pil(it.path, crop=it.crop)
+        except ImageReadError as e:
+            return {"index": i, "name": it.name, "error": str(e)}
+        size = im.size
+        return {"index": i, "name": it.name, "image": pil_to_tensor(resize_max_side(im, self.max_size)), "size": size}
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # decoding workers must not fight the model for cores
+
+
+def split_items(dataset: Any, split: str, conf: Config) -> list[Item]:
+    if split == "db":
+        return [Item(n, Path(p)) for n, p in zip(dataset.db_names, dataset.db_paths)]
+    if split == "query":
+        crop = bool(conf.dataset.get("query_crop", True))
+        bbx = list(getattr(dataset, "query_bbx", None) or [None] * len(dataset.query_names))
+        return [
+            Item(n, Path(p), tuple(b) if (crop and b is not None) else None)
+            for n, p, b in zip(dataset.query_names, dataset.query_paths, bbx)
+        ]
+    raise ConfigError(f"extract.splits: unknown split '{split}' (valid: db, query)")
+
+
+# ---------------------------------------------------------------------------------------------- reports
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _update_skipped(store: Path, failures: Mapping[str, dict[str, str]], done: set[str] | FeatureStore) -> int:
+    """Keep ``<store>.skipped.json`` = images that failed and are still not in the store, sorted by name."""
+    path = sidecar(store, "skipped")
+    old = {}
+    if path.is_file():
+        try:
+            old = {d["name"]: d for d in json.loads(path.read_text())}
+        except (ValueError, KeyError, TypeError):
+            old = {}
+    old.update(failures)
+    keep = [old[n] for n in sorted(old) if n not in done]
+    if keep:
+        _write_json(path, keep)
+    elif path.exists():
+        path.unlink()
+    return len(keep)
+
+
+# ---------------------------------------------------------------------------------------------- one split
+def extract_split(
+    conf: Config,
+    dataset_name: str,
+    split: str,
+    items: Sequence[Item],
+    get_model: Callable[[], torch.nn.Module],
+) -> Path:
+    """Extract one split (or this process's shard of it) into its store; returns the main store's path."""
+    main_path = store_path(conf, dataset_name, split)
+    preset = preset_name(conf)
+    settings = extraction_settings(conf, split_tag(conf, split))
+    shard = parse_shard(conf)
+    overwrite = bool(conf.get("overwrite", False))
+    float16 = bool(conf.extract.float16)
+    already: set[str] = set()
+    if shard is None:
+        target = main_path
+        mine = list(items)
+        for n in _part_sets(main_path):  # parts of an earlier sharded run: keep their work
+            merge_parts(main_path, n, preset, settings, force=False)
+    else:
+        i, n = shard
+        target = part_path(main_path, i, n)
+        mine = list(items)[i::n]
+        if main_path.is_file() and not overwrite:
+            try:
+                with FeatureStore(main_path, "r", preset=preset, settings=settings) as st:
+                    already = set(st.names())
+            except StoreError as e:
+                print(f"[extract] {e}; this shard redoes its images", file=sys.stderr)
+    extra = {"shard": f"{shard[0]}/{shard[1]}", "part_total": len(mine)} if shard else None
+    st = FeatureStore(target, "a", preset=preset, settings=settings, split=split_tag(conf, split), float16=float16,
+                      extra_attrs=extra)
+    try:
+        todo = [it for it in mine if overwrite or not (st.has(it.name) or it.name in already)]
+        if overwrite and shard is not None and st.attrs().get("complete"):
+            del st.f.attrs["complete"]
+        failures = _run(conf, st, todo, get_model, target, total=len(mine), desc=f"{dataset_name} {split}")
+        done = set(st.names()) | already
+        n_skipped = _update_skipped(target, failures, done)
+        missing = len([it for it in mine if it.name not in done])
+        if shard is not None and missing == n_skipped:
+            st.f.attrs["complete"] = True  # every image of this part is done or reported unreadable
+            st.flush()
+    finally:
+        st.close()
+    if shard is not None:
+        merge_parts(main_path, shard[1], preset, settings, force=False)
+    return main_path
+
+
+def _run(
+    conf: Config,
+    st: FeatureStore,
+    todo: Sequence[Item],
+    get_model: Callable[[], torch.nn.Module],
+    target: Path,
+    total: int,
+    desc: str,
+) -> dict[str, dict[str, str]]:
+    progress = sidecar(target, "progress")
+    n_done = total - len(todo)
+    _write_json(progress, {"done": n_done, "skipped": 0, "total": total})
+    failures: dict[str, dict[str, str]] = {}
+    if not todo:
+        return failures
+    xs = ExtractSettings.from_conf(conf)
+    model = get_model()
+    st.set_model_meta(_json_safe(getattr(model, "meta", {})))
+    dev = next(model.parameters()).device
+    mp = bool(conf.get("mixed_precision", False)) and dev.type == "cuda"
+    nw = int(conf.get("num_workers", 0) or 0)
+    loader = torch.utils.data.DataLoader(
+        ImageLoader(todo, xs.max_size),
+        batch_size=None,  # one image per step: sizes differ
+        shuffle=False,
+        num_workers=nw,
+        worker_init_fn=_worker_init if nw > 0 else None,
+        prefetch_factor=2 if nw > 0 else None,
+    )
+    overwrite = bool(conf.get("overwrite", False))
+    bar = tqdm(loader, total=len(todo), desc=f"extract {desc}", unit="img", disable=not conf.get("progress", True),
+               dynamic_ncols=True)
+    n_written = 0
+    for sample in bar:
+        it = todo[sample["index"]]
+        if "error" in sample:
+            failures[it.name] = {"name": it.name, "path": str(it.path), "error": sample["error"]}
+            bar.write(f"[extract] skipped unreadable image: {sample['error']}")
+        else:
+            feats = extract_multiscale(model, sample["image"], xs, orig_size=tuple(sample["size"]), mixed_precision=mp)
+            st.write(it.name, feats, overwrite=overwrite)
+            n_written += 1
+        # "done" counts committed images only: what a crash right now would keep
+        _write_json(progress, {"done": n_done + n_written - st.n_staged, "skipped": len(failures), "total": total})
+    bar.close()
+    st.commit()
+    _write_json(progress, {"done": n_done + n_written, "skipped": len(failures), "total": total})
+    if failures:
+        print(f"[extract] {len(failures)} unreadable image(s) skipped; see {sidecar(target, 'skipped')}", file=sys.stderr)
+    return failures
+
+
+def _json_safe(meta: Mapping[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(dict(meta), default=str))
+
+
+# ---------------------------------------------------------------------------------------------- shards
+def _part_sets(main: Path) -> list[int]:
+    """The ``n`` of every ``<main>.part-i-of-n.h5`` set present."""
+    ns = set()
+    for p in main.parent.glob(f"{main.stem}.part-*-of-*.h5"):
+        try:
+            ns.add(int(p.stem.rsplit("-of-", 1)[1]))
+        except (IndexError, ValueError):
+            continue
+    return sorted(ns)
+
+
+def merge_parts(main: Path, n: int, preset: str, settings: Mapping[str, Any], force: bool = False) -> bool:
+    """Merge ``<main>.part-{0..n-1}-of-n.h5`` into ``main`` once every part is complete (``force``: whatever
+    valid images the parts hold), then delete the parts.  Returns whether a merge happened.
+
+    Safe to call from every finishing process: the main store's lock lets one merge; the others see no parts.
+    """
+    parts = [part_path(main, i, n) for i in range(n)]
+    if not any(p.is_file() for p in parts) or not (force or _all_complete(parts)):
+        return False
+    # Each part marks itself complete before it checks the others, so when two finish together at least one sees
+    # all complete; both then wait for the lock and the second finds no parts left.
+    st = FeatureStore(main, "a", preset=preset, settings=settings, split=settings.get("split"), wait=True)
+    try:
+        present = [p for p in parts if p.is_file()]
+        if not present:
+            return False  # another process merged them meanwhile
+        failures: dict[str, dict[str, str]] = {}
+        for p in present:  # part order, then name order: deterministic
+            with FeatureStore(p, "r", preset=preset, settings=settings) as ps:
+                meta = ps.model_meta
+                if meta is not None:
+                    st.set_model_meta(meta)
+                st.copy_from(ps, overwrite=True)
+            sk = sidecar(p, "skipped")
+            if sk.is_file():
+                failures.update({d["name"]: d for d in json.loads(sk.read_text())})
+        done = set(st.names())
+        n_skipped = _update_skipped(main, failures, done)
+        _write_json(sidecar(main, "progress"), {"done": len(done), "skipped": n_skipped, "total": len(done) + n_skipped})
+        for p in present:
+            for q in (p, sidecar(p, "skipped"), sidecar(p, "progress"), p.with_name(p.name + ".lock")):
+                q.unlink(missing_ok=True)
+        print(f"[extract] merged {len(present)} part file(s) into {main}", file=sys.stderr)
+        return True
+    finally:
+        st.close()
+
+
+def _all_complete(parts: Sequence[Path]) -> bool:
+    for p in parts:
+        if not p.is_file():
+            return False
+        try:
+            with FeatureStore(p, "r") as ps:
+                if not ps.attrs().get("complete"):
+                    return False
+        except StoreError:
+            return False  # a part still being written (or damaged: its shard's rerun recovers it)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main(conf: Config, dataset: Any = None) -> Path:
+    """Extract the splits ``extract.splits`` of the configured dataset; returns the folder of the stores.
+
+    Images already in a store are skipped (``overwrite=true`` redoes them); the model is built only when there is
+    something to extract.  ``dataset`` (a ``RetrievalDataset``) overrides ``load_dataset(conf)``.
+    """
+    if dataset is None:
+        from delg.data.dataset import load_dataset
+
+        dataset = load_dataset(conf)
+    ExtractSettings.from_conf(conf)  # fail early on bad settings
+    out = features_dir(conf, dataset.name)
+    out.mkdir(parents=True, exist_ok=True)
+    model_box: list[torch.nn.Module] = []
+
+    def get_model() -> torch.nn.Module:
+        if not model_box:
+            model_box.append(load_model(conf))
+        return model_box[0]
+
+    for split in conf.extract.splits:
+        if bool(conf.extract.merge):
+            main_path = store_path(conf, dataset.name, split)
+            preset, settings = preset_name(conf), extraction_settings(conf, split_tag(conf, split))
+            for n in _part_sets(main_path):
+                merge_parts(main_path, n, preset, settings, force=True)
+            continue
+        extract_split(conf, dataset.name, split, split_items(dataset, split, conf), get_model)
+    return out
+
+
+def stores_complete(conf: Config, dataset: Any, split: str) -> bool:
+    """Every image of ``split`` is in its store or listed as unreadable."""
+    path = store_path(conf, dataset.name, split)
+    if not path.is_file():
+        return False
+    names = [it.name for it in split_items(dataset, split, conf)]
+    skipped = set()
+    sk = sidecar(path, "skipped")
+    if sk.is_file():
+        skipped = {d["name"] for d in json.loads(sk.read_text())}
+    try:
+        with FeatureStore(path, "r") as st:
+            return all(st.has(n) or n in skipped for n in names)
+    except StoreError:
+        return False
+
+
+if __name__ == "__main__":
+    cfg_path, overrides = split_cli(sys.argv[1:])
+    if "-h" in overrides or "--help" in overrides:
+        print(__doc__)
+        sys.exit(0)
+    try:
+        cfg = load_config(cfg_path, overrides)
+        print(main(cfg))
+    except (ConfigError, ExtractError, StoreError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,468 @@
+"""Global search: FAISS over the database store's global descriptors, rankings in revisitop's layout.
+
+Outputs (``main``), under ``<output_dir>/ranks/``:
+    ``global.npy``          (depth, n_queries) int64: row r of column j = the database index ranked r-th for query j
+    ``global_scores.npy``   (depth, n_queries) float32: its cosine similarity (PQ-approximate with ``ivfpq``);
+                            ``-inf`` where a row had to be filled with images that have no features (unreadable)
+    ``global.meta.json``    what produced them (index kind, sizes, key); lets a rerun skip the search
+
+``depth = min(search.depth, n_db)``.  The index is saved beside the features as
+``<preset>-db.<kind>-<key>.faiss``, ``key`` hashing the database store (image names in dataset order, file size),
+the index settings and DBA; it is rebuilt whenever one of them changes.  Database vectors are read and added in
+chunks of ``search.chunk`` and queries searched in chunks of ``search.query_chunk``, so no (n_db, n_queries)
+similarity matrix is ever held: +R1M runs in the memory of the index itself (8 GB flat at 1M x 2048 float32;
+IVF-PQ with m=64, nbits=8 needs 64 bytes per image).  DBA holds two indexes while it runs.
+
+    python -m delg.search --config configs/demo.yaml [search.index=ivfpq] [search.qe_k=2]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+from tqdm import tqdm
+
+from delg.config import Config, ConfigError, load_config, split_cli
+from delg.extract import (
+    ExtractError,
+    preset_name,
+    store_path,
+    stores_complete,
+)
+from delg.store import FeatureStore, StoreError
+
+INDEX_KINDS = ("flat", "ivfpq")
+MISSING_SCORE = np.float32(-np.inf)
+
+
+class SearchError(ValueError):
+    """A search setting or input is invalid; the message names the key or file."""
+
+
+# ---------------------------------------------------------------------------------------------- FAISS helpers
+def _use_gpu(setting: Any) -> bool:
+    have = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    if setting in (True, "true"):
+        if not have:
+            raise SearchError("search.gpu=true but FAISS has no GPU support here (install faiss-gpu) or no GPU")
+        return True
+    if setting in ("auto", None):
+        return have
+    return False
+
+
+_GPU_RES: list[Any] = []
+
+
+def to_gpu(index: faiss.Index) -> faiss.Index:
+    if not _GPU_RES:
+        _GPU_RES.append(faiss.StandardGpuResources())
+    return faiss.index_cpu_to_gpu(_GPU_RES[0], 0, index)
+
+
+def default_nlist(n: int) -> int:
+    """About ``4 sqrt(n)`` lists, at most ``n / 39`` (FAISS wants >= 39 training points per centroid)."""
+    return max(1, min(int(4 * math.sqrt(n)), n // 39))
+
+
+def new_index(d: int, kind: str, n: int, nlist: int | None = None, m: int = 64, nbits: int = 8) -> faiss.Index:
+    """An empty inner-product index: ``IndexFlatIP`` or ``IndexIVFPQ`` (untrained)."""
+    if kind == "flat":
+        return faiss.IndexFlatIP(d)
+    if kind == "ivfpq":
+        if d % m:
+            raise SearchError(f"search.m: {m} must divide the descriptor size {d}")
+        nl = int(nlist) if nlist else default_nlist(n)
+        quantizer = faiss.IndexFlatIP(d)
+        return faiss.IndexIVFPQ(quantizer, d, nl, int(m), int(nbits), faiss.METRIC_INNER_PRODUCT)
+    raise SearchError(f"search.index: unknown index '{kind}' (valid: {', '.join(INDEX_KINDS)})")
+
+
+def flat_index_view(d: int, n: int) -> tuple[faiss.Index, np.ndarray]:
+    """An ``IndexFlatIP`` of ``n`` vectors allocated once, and a writable (n, d) float32 view of its storage.
+
+    Filling the view chunk by chunk avoids ``add``'s vector growth, which can briefly hold two copies (16 GB for
+    1M x 2048 float32)."""
+    index = faiss.IndexFlatIP(d)
+    index.codes.resize(n * d * 4)
+    index.ntotal = n
+    view = faiss.rev_swig_ptr(index.get_xb(), n * d).reshape(n, d) if n else np.zeros((0, d), np.float32)
+    return index, view
+
+
+def search_chunked(index: faiss.Index, queries: np.ndarray, k: int, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` of each query, ``chunk`` queries at a time.
+
+    Args:
+        queries: (Q, D) float32.
+
+    Returns:
+        ``scores`` (Q, k) float32 (descending) and ``ids`` (Q, k) int64 (-1 where the index had fewer results).
+    """
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    scores = np.empty((len(q), k), np.float32)
+    ids = np.empty((len(q), k), np.int64)
+    for s in range(0, len(q), max(1, chunk)):
+        sc, ix = index.search(q[s : s + chunk], k)
+        scores[s : s + chunk], ids[s : s + chunk] = sc, ix
+    return scores, ids
+
+
+def _l2n(x: np.ndarray) -> np.ndarray:
+    n = np.linalg.norm(x, axis=-1, keepdims=True)
+    return (x / np.maximum(n, 1e-12)).astype(np.float32)
+
+
+def alpha_qe(queries: np.ndarray, neighbours: np.ndarray, sims: np.ndarray, alpha: float) -> np.ndarray:
+    """alpha-QE (Radenovic et al.): ``q' = normalise(q + sum_i max(s_i, 0)^alpha x_i)``.
+
+    Args:
+        queries: (Q, D); neighbours: (Q, k, D) the top-k database vectors; sims: (Q, k) their similarities.
+    """
+    w = np.maximum(sims, 0) ** alpha
+    return _l2n(queries + np.einsum("qk,qkd->qd", w, neighbours))
+
+
+def dba_vectors(neighbours: np.ndarray, sims: np.ndarray, alpha: float) -> np.ndarray:
+    """DBA: each database vector becomes ``normalise(sum_i max(s_i, 0)^alpha x_i)`` over its top-k neighbours,
+    itself included (its own nearest neighbour, similarity 1).
+
+    Args:
+        neighbours: (B, k, D) neighbour vectors; sims: (B, k) their similarities.
+    """
+    w = np.maximum(sims, 0) ** alpha
+    return _l2n(np.einsum("qk,qkd->qd", w, neighbours))
+
+
+def _reconstruct(index: faiss.Index, ids: np.ndarray) -> np.ndarray:
+    """Stored vectors of ``ids`` (any shape) -> ids.shape + (D,); exact for flat, decoded for IVF-PQ."""
+    flat = ids.reshape(-1).astype(np.int64)
+    out = index.reconstruct_batch(flat) if flat.size else np.zeros((0, index.d), np.float32)
+    return np.asarray(out, np.float32).reshape(*ids.shape, index.d)
+
+
+# ---------------------------------------------------------------------------------------------- the database index
+@dataclass
+class DatabaseIndex:
+    """A FAISS index over the database images that have features.
+
+    ``present[i]`` is the dataset database index of index row ``i``; ``n_db`` counts all database images.
+    """
+
+    index: faiss.Index  # what searches (GPU copy when used)
+    cpu_index: faiss.Index  # what reconstructs vectors and is saved
+    present: np.ndarray  # (n_present,) int64
+    n_db: int
+    key: str
+    path: Path | None
+
+    def search(self, queries: np.ndarray, depth: int, chunk: int = 1024, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(Q, D) -> ``ids`` (Q, k) dataset db indices and ``scores`` (Q, k), ``k = min(depth, n_db)``; rows past the
+        images with features (or past IVF results) hold the remaining db indices in order, score ``-inf``."""
+        if nprobe is not None:
+            ivf = _ivf(self.index)
+            if ivf is not None:
+                ivf.nprobe = int(nprobe)
+        k = min(depth, self.n_db)
+        kk = min(k, len(self.present))
+        if kk > 0:
+            sc, ix = search_chunked(self.index, queries, kk, chunk)
+        else:
+            sc = np.zeros((len(queries), 0), np.float32)
+            ix = np.zeros((len(queries), 0), np.int64)
+        ids = np.where(ix >= 0, self.present[np.maximum(ix, 0)], -1)
+        if kk == k and (ix >= 0).all():
+            return ids, sc
+        out_ids = np.empty((len(queries), k), np.int64)
+        out_sc = np.full((len(queries), k), MISSING_SCORE, np.float32)
+        for j in range(len(queries)):
+            valid = ids[j][ids[j] >= 0]
+            rest = np.setdiff1d(np.arange(self.n_db), valid, assume_unique=False)[: k - len(valid)]
+            out_ids[j] = np.concatenate([valid, rest])
+            out_sc[j, : len(valid)] = sc[j][ids[j] >= 0]
+        return out_ids, out_sc
+
+
+def _ivf(index: faiss.Index) -> Any:
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def _chunks(names: Sequence[str], size: int) -> Iterator[tuple[int, Sequence[str]]]:
+    for s in range(0, len(names), size):
+        yield s, names[s : s + size]
+
+
+def _build(st: FeatureStore, names: Sequence[str], conf: Config, progress: bool) -> faiss.Index:
+    sc = conf.search
+    d = st.global_dim()
+    n = len(names)
+    chunk = int(sc.chunk)
+    kind = str(sc.index)
+    if kind == "ivfpq" and n < max(2 ** int(sc.nbits), 39):
+        print(f"[search] {n} database images are too few for ivfpq; using an exact flat index", file=sys.stderr)
+        kind = "flat"
+    if kind == "flat":
+        index, view = flat_index_view(d, n)
+        for s, part in tqdm(list(_chunks(names, chunk)), desc="index db", unit="chunk", disable=not progress):
+            view[s : s + len(part)] = st.read_globals(part)
+        return index
+    index = new_index(d, kind, n, sc.nlist, int(sc.m), int(sc.nbits))
+    if not index.is_trained:
+        rng = np.random.default_rng(int(conf.seed))
+        m = min(n, int(sc.train_size))
+        pick = np.sort(rng.choice(n, size=m, replace=False))
+        xt = st.read_globals([names[i] for i in pick])
+        index.train(xt)
+        del xt
+    for _, part in tqdm(list(_chunks(names, chunk)), desc="index db", unit="chunk", disable=not progress):
+        index.add(st.read_globals(part))
+    return index
+
+
+def _dba(index: faiss.Index, conf: Config, progress: bool) -> faiss.Index:
+    """Replace every database vector by its DBA version (neighbours from ``index``), in chunks; returns a new index."""
+    sc = conf.search
+    k = min(int(sc.dba_k), index.ntotal)
+    ivf = _ivf(index)
+    if ivf is not None:
+        ivf.make_direct_map()
+        ivf.nprobe = int(sc.nprobe)
+    chunk = int(sc.chunk)
+    new = faiss.clone_index(index)
+    new.reset()
+    for s in tqdm(range(0, index.ntotal, chunk), desc="DBA", unit="chunk", disable=not progress):
+        ids = np.arange(s, min(s + chunk, index.ntotal))
+        x = _reconstruct(index, ids)
+        sims, nn = index.search(x, k)
+        ok = nn >= 0  # IVF may return fewer than k: those slots get weight 0
+        nn, sims = np.where(ok, nn, ids[:, None]), np.where(ok, sims, 0)
+        new.add(dba_vectors(_reconstruct(index, nn), sims, float(sc.alpha)))
+    return new
+
+
+def index_key(conf: Config, db_path: Path, names: Sequence[str]) -> str:
+    sc = conf.search
+    h = hashlib.sha1()
+    h.update(preset_name(conf).encode())
+    h.update(str(db_path.stat().st_size).encode())
+    h.update("\n".join(names).encode())
+    fields = {"index": sc.index, "dba_k": sc.dba_k, "alpha": sc.alpha if sc.dba_k else None, "seed": conf.seed}
+    if sc.index == "ivfpq":
+        fields.update(nlist=sc.nlist, m=sc.m, nbits=sc.nbits, train_size=sc.train_size)
+    h.update(json.dumps(fields, sort_keys=True).encode())
+    return h.hexdigest()[:12]
+
+
+_CACHE: dict[str, DatabaseIndex] = {}
+
+
+def get_index(conf: Config, dataset: Any) -> DatabaseIndex:
+    """Load the saved index if its key matches the database store, else build (and save) it."""
+    if str(conf.search.index) not in INDEX_KINDS:
+        raise SearchError(f"search.index: unknown index '{conf.search.index}' (valid: {', '.join(INDEX_KINDS)})")
+    progress = bool(conf.get("progress", True))
+    db_path = store_path(conf, dataset.name, "db")
+    with FeatureStore(db_path, "r", preset=preset_name(conf)) as st:
+        have = st.names()
+        have_set = set(have)
+        present = np.array([i for i, n in enumerate(dataset.db_names) if n in have_set], np.int64)
+        names = [dataset.db_names[i] for i in present]
+        if len(present) < len(dataset.db_names):
+            print(f"[search] {len(dataset.db_names) - len(present)} database image(s) have no features "
+                  f"(see the .skipped.json beside {db_path.name}); they rank last", file=sys.stderr)
+        if not names:
+            raise SearchError(f"{db_path}: no database image has features")
+        key = index_key(conf, db_path, names)
+        path = db_path.with_name(f"{db_path.stem}.{conf.search.index}-{key}.faiss")
+        reuse = bool(conf.search.save_index) and not conf.get("overwrite", False)
+        if reuse and str(path) in _CACHE:
+            return _CACHE[str(path)]
+        loaded = reuse and path.is_file()
+        cpu = faiss.read_index(str(path)) if loaded else _build(st, names, conf, progress)
+    if not loaded:
+        if int(conf.search.dba_k or 0) > 0:
+            cpu = _dba(cpu, conf, progress)
+        if bool(conf.search.save_index):
+            for old in path.parent.glob(f"{db_path.stem}.{conf.search.index}-*.faiss"):
+                old.unlink()  # indexes of an older database store or other settings
+            tmp = path.with_name(path.name + ".tmp")
+            faiss.write_index(cpu, str(tmp))
+            tmp.replace(path)
+    ivf = _ivf(cpu)
+    if ivf is not None:
+        ivf.nprobe = int(conf.search.nprobe)
+    idx = cpu
+    if _use_gpu(conf.search.gpu):
+        try:
+            idx = to_gpu(cpu)
+        except RuntimeError as e:  # e.g. a PQ size the GPU kernels do not support
+            print(f"[search] GPU index unavailable ({e}); searching on CPU", file=sys.stderr)
+    db = DatabaseIndex(idx, cpu, present, len(dataset.db_names), key, path if conf.search.save_index else None)
+    _CACHE[str(path)] = db
+    return db
+
+
+# ---------------------------------------------------------------------------------------------- queries
+def query_vectors(conf: Config, dataset: Any) -> np.ndarray:
+    """(n_queries, D) float32 from the query store; zeros (with a warning) for unreadable queries."""
+    path = store_path(conf, dataset.name, "query")
+    with FeatureStore(path, "r", preset=preset_name(conf)) as st:
+        d = st.global_dim()
+        out = np.zeros((len(dataset.query_names), d), np.float32)
+        missing = []
+        for j, n in enumerate(dataset.query_names):
+            if st.has(n):
+                out[j] = st.read_global(n)
+            else:
+                missing.append(n)
+    if missing:
+        print(f"[search] {len(missing)} query image(s) have no features ({', '.join(missing[:5])}); "
+              f"their rankings are arbitrary", file=sys.stderr)
+    return out
+
+
+def rank(db: DatabaseIndex, queries: np.ndarray, conf: Config) -> tuple[np.ndarray, np.ndarray]:
+    """Search (with optional alpha-QE); returns ``ranks`` (depth, Q) int64 and ``scores`` (depth, Q) float32."""
+    sc = conf.search
+    depth, chunk = int(sc.depth), int(sc.query_chunk)
+    if depth < 1:
+        raise SearchError(f"search.depth: need a positive depth, got {depth}")
+    qe_k = int(sc.qe_k or 0)
+    if qe_k > 0:
+        ivf = _ivf(db.cpu_index)
+        if ivf is not None:
+            ivf.make_direct_map()
+        k = min(qe_k, len(db.present))
+        sims, ix = search_chunked(db.index, queries, k, chunk)
+        ok = ix >= 0
+        ix, sims = np.where(ok, ix, 0), np.where(ok, sims, 0)
+        queries = alpha_qe(queries, _reconstruct(db.cpu_index, ix), sims, float(sc.alpha))
+    ids, scores = db.search(queries, depth, chunk, int(sc.nprobe))
+    return np.ascontiguousarray(ids.T), np.ascontiguousarray(scores.T)
+
+
+def ensure_features(conf: Config, dataset: Any, splits: Sequence[str] = ("db", "query")) -> None:
+    """Run the extraction for the splits whose stores are missing or incomplete (a fresh clone works)."""
+    todo = [s for s in splits if not stores_complete(conf, dataset, s)]
+    if not todo:
+        return
+    from delg.extract import main as extract_main
+
+    sub = Config(conf.to_dict())
+    sub.extract.splits = list(todo)
+    sub.extract.merge = False
+    extract_main(sub, dataset)
+    for s in todo:
+        if not stores_complete(conf, dataset, s):
+            raise SearchError(
+                f"{store_path(conf, dataset.name, s)}: features of split '{s}' are incomplete after extraction "
+                f"(a sharded run? finish every shard=i/n, or merge with extract.merge=true)"
+            )
+
+
+def main(conf: Config, dataset: Any = None) -> Path:
+    """Rank the database for every query; writes ``<output_dir>/ranks/global.npy`` (+ scores, meta) and returns it."""
+    if dataset is None:
+        from delg.data.dataset import load_dataset
+
+        dataset = load_dataset(conf)
+    ensure_features(conf, dataset)
+    out = Path(conf.output_dir) / "ranks"
+    out.mkdir(parents=True, exist_ok=True)
+    ranks_path, scores_path, meta_path = out / "global.npy", out / "global_scores.npy", out / "global.meta.json"
+    db = get_index(conf, dataset)
+    qpath = store_path(conf, dataset.name, "query")
+    sc = conf.search
+    meta = {
+        "dataset": dataset.name,
+        "db_store": store_path(conf, dataset.name, "db").name,
+        "query_store": qpath.name,
+        "query_store_bytes": qpath.stat().st_size,
+        "query_names": hashlib.sha1("\n".join(dataset.query_names).encode()).hexdigest()[:12],
+        "index": str(sc.index),
+        "index_key": db.key,
+        "n_db": db.n_db,
+        "n_db_with_features": len(db.present),
+        "n_queries": len(dataset.query_names),
+        "depth": min(int(sc.depth), db.n_db),
+        "nprobe": int(sc.nprobe) if sc.index == "ivfpq" else None,
+        "qe_k": int(sc.qe_k or 0),
+        "dba_k": int(sc.dba_k or 0),
+        "alpha": float(sc.alpha),
+        "layout": "(depth, n_queries): column j ranks the database for query j",
+    }
+    if ranks_path.is_file() and scores_path.is_file() and meta_path.is_file() and not conf.get("overwrite", False):
+        try:
+            if json.loads(meta_path.read_text()) == meta:
+                return ranks_path
+        except ValueError:
+            pass
+    ranks, scores = rank(db, query_vectors(conf, dataset), conf)
+    for path, arr in ((ranks_path, ranks), (scores_path, scores)):
+        tmp = path.with_name(path.stem + ".tmp.npy")
+        np.save(tmp, arr)
+        tmp.replace(path)
+    meta_path.write_text(json.dumps(meta, indent=1))
+    return ranks_path
+
+
+def search_one(descriptor: np.ndarray, conf: Config, dataset: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """Rank the database for one new photo's global descriptor.
+
+    Args:
+        descriptor: (D,) L2-normalised global descriptor (``delg.extract.extract_one(...)['global']``).
+
+    Returns:
+        ``indices`` (k,) int64 database indices and ``scores`` (k,) float32, ``k = min(search.depth, n_db)``.
+    """
+    if dataset is None:
+        from delg.data.dataset import load_dataset
+
+        dataset = load_dataset(conf)
+    ensure_features(conf, dataset, ("db",))
+    db = get_index(conf, dataset)
+    q = np.asarray(descriptor, np.float32).reshape(1, -1)
+    if q.shape[1] != db.cpu_index.d:
+        raise SearchError(f"search_one: descriptor has size {q.shape[1]}, the database index {db.cpu_index.d}")
+    ranks, scores = rank(db, q, conf)
+    return ranks[:, 0], scores[:, 0]
+
+
+__all__ = [
+    "DatabaseIndex",
+    "SearchError",
+    "alpha_qe",
+    "dba_vectors",
+    "default_nlist",
+    "flat_index_view",
+    "get_index",
+    "main",
+    "new_index",
+    "rank",
+    "search_chunked",
+    "search_one",
+]
+
+if __name__ == "__main__":
+    cfg_path, overrides = split_cli(sys.argv[1:])
+    if "-h" in overrides or "--help" in overrides:
+        print(__doc__)
+        sys.exit(0)
+    try:
+        cfg = load_config(cfg_path, overrides)
+        print(main(cfg))
+    except (ConfigError, ExtractError, SearchError, StoreError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,366 @@
+"""One-pass multi-scale extraction: outputs, keypoint geometry, crops, skips, kill-and-resume, sharding + merge."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from delg.config import load_config
+from delg.data.dataset import RetrievalDataset
+from delg.data.revisitop import GroundTruth, QueryGroundTruth
+from delg.extract import (
+    ExtractError,
+    ExtractSettings,
+    extract_multiscale,
+    extract_one,
+    load_model,
+    main,
+    part_path,
+    pil_to_tensor,
+    preset_name,
+    select_local,
+    sidecar,
+    store_path,
+)
+from delg.store import FeatureStore, store_contents
+
+REPO = Path(__file__).resolve().parent.parent
+N_DB = 10
+OVR = [
+    "extract.max_size=96",
+    "extract.scales=[0.5, 1.0, 1.4142]",
+    "extract.global_scales=[1.0, 1.4142]",
+    "extract.max_keypoints=40",
+    "model.backbone=efficientnet_lite0",
+    "num_workers=0",
+    "progress=false",
+    "device=cpu",
+]
+
+# Runs an extraction in a child process; SLOW seconds per forward pass make it killable mid-way.
+RUNNER = """
+import json, sys, time
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+import delg.extract as E
+from delg.config import load_config
+sys.path.insert(0, {tests!r})
+from test_extract import dataset_from_spec
+spec, slow, overrides = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
+if slow > 0:
+    orig = E.load_model
+    def load_slow(conf):
+        m = orig(conf)
+        f = m.extract
+        def extract(*a, **k):
+            time.sleep(slow)
+            return f(*a, **k)
+        m.extract = extract
+        return m
+    E.load_model = load_slow
+E.main(load_config(None, overrides), dataset_from_spec(spec))
+"""
+
+
+def dataset_from_spec(spec: str | Path) -> RetrievalDataset:
+    d = json.loads(Path(spec).read_text())
+    gnd = GroundTruth(
+        name="toy",
+        imlist=d["db_names"],
+        qimlist=d["query_names"],
+        gnd=[QueryGroundTruth(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), b and tuple(b))
+             for b in d["query_bbx"]],
+    )
+    return RetrievalDataset(
+        name="toy",
+        db_paths=[Path(p) for p in d["db_paths"]],
+        db_names=d["db_names"],
+        query_paths=[Path(p) for p in d["query_paths"]],
+        query_names=d["query_names"],
+        query_bbx=[tuple(b) if b else None for b in d["query_bbx"]],
+        gnd=gnd,
+    )
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> Path:
+    """10 db images (RGB, grayscale, RGBA, varied sizes; one corrupt file) and 2 cropped queries."""
+    root = tmp_path_factory.mktemp("toy")
+    rng = np.random.default_rng(0)
+    db_paths, db_names = [], []
+    for i in range(N_DB):
+        w, h = int(rng.integers(64, 140)), int(rng.integers(64, 140))
+        arr = (rng.random((h // 8 + 1, w // 8 + 1, 3)) * 255).astype(np.uint8)
+        im = Image.fromarray(arr).resize((w, h), Image.BILINEAR)  # smooth blobs, not pixel noise
+        sub = root / ("sub" if i % 2 else "")
+        sub.mkdir(exist_ok=True)
+        if i == 3:
+            p = sub / f"im{i}.png"
+            im.convert("L").save(p)
+        elif i == 5:
+            p = sub / f"im{i}.png"
+            im.convert("RGBA").save(p)
+        else:
+            p = sub / f"im{i}.jpg"
+            im.save(p, quality=90)
+        db_paths.append(str(p))
+        db_names.append(f"sub/im{i}" if i % 2 else f"im{i}")
+    bad = root / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    db_paths.insert(4, str(bad))
+    db_names.insert(4, "broken")
+    q = [db_paths[0], db_paths[1]]
+    spec = {
+        "db_paths": db_paths,
+        "db_names": db_names,
+        "query_paths": q,
+        "query_names": ["q0", "q1"],
+        "query_bbx": [[10.0, 5.0, 50.0, 45.0], None],
+    }
+    (root / "spec.json").write_text(json.dumps(spec))
+    return root / "spec.json"
+
+
+def _conf(out: Path, *extra: str):
+    return load_config(None, [f"output_dir={out}", *OVR, *extra])
+
+
+@pytest.fixture(scope="module")
+def reference(toy, tmp_path_factory) -> Path:
+    """An uninterrupted single-process run."""
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("ref")
+    main(_conf(out), dataset_from_spec(toy))
+    return out
+
+
+def _assert_same_stores(a: Path, b: Path) -> None:
+    attrs_a, ca = store_contents(a)
+    attrs_b, cb = store_contents(b)
+    assert attrs_a == attrs_b
+    assert sorted(ca) == sorted(cb)
+    for n in ca:
+        assert ca[n].keys() == cb[n].keys()
+        for k in ca[n]:
+            np.testing.assert_array_equal(ca[n][k], cb[n][k], err_msg=f"{n}/{k}")
+
+
+def test_reference_outputs(reference, toy):
+    conf = _conf(reference)
+    ds = dataset_from_spec(toy)
+    db = store_path(conf, "toy", "db")
+    assert db.name == f"{preset_name(conf)}-db.h5" and db.parent == reference / "features" / "toy"
+    skipped = json.loads(sidecar(db, "skipped").read_text())
+    assert [s["name"] for s in skipped] == ["broken"] and "broken.jpg" in skipped[0]["error"]
+    with FeatureStore(db) as st:
+        assert st.names() == sorted(n for n in ds.db_names if n != "broken")
+        assert st.model_meta["backbone"] == "efficientnet_lite0"
+        assert st.settings["scales"] == [0.5, 1.0, 1.4142]
+        G = st.read_globals(st.names())
+        np.testing.assert_allclose(np.linalg.norm(G, axis=1), 1.0, rtol=1e-5)
+        for name, path in zip(ds.db_names, ds.db_paths):
+            if name == "broken":
+                continue
+            loc = st.read_local(name)
+            w, h = Image.open(path).size
+            assert tuple(loc["image_size"]) == (w, h)
+            assert 0 < len(loc["scores"]) <= 40
+            assert np.all(np.diff(loc["scores"]) <= 0)  # sorted by attention
+            np.testing.assert_allclose(np.linalg.norm(loc["descriptors"], axis=1), 1.0, rtol=1e-4)
+    # queries: cropped to bbx for every feature type
+    with FeatureStore(store_path(conf, "toy", "query")) as st:
+        assert tuple(st.read_local("q0")["image_size"]) == (40, 40)
+        assert tuple(st.read_local("q1")["image_size"]) == Image.open(ds.query_paths[1]).size
+        model = load_model(conf)
+        crop = Image.open(ds.query_paths[0]).convert("RGB").crop((10, 5, 50, 45))
+        one = extract_one(model, crop, conf)
+        np.testing.assert_allclose(st.read_global("q0"), one["global"], atol=1e-5)
+        np.testing.assert_allclose(st.read_local("q0")["keypoints"], one["keypoints"], atol=1e-4)
+
+
+def test_global_is_sum_of_scales_and_keypoints_map_back(toy):
+    """Independent recomputation from per-scale model calls: global = normalised sum; keypoints = centres / scale."""
+    torch.manual_seed(0)
+    conf = _conf(Path("unused"))
+    model = load_model(conf)
+    rng = np.random.default_rng(1)
+    im = Image.fromarray((rng.random((20, 30, 3)) * 255).astype(np.uint8)).resize((192, 128), Image.BILINEAR)
+    xs = ExtractSettings.from_conf(conf)  # max_size 96: the image is halved first
+    small = im.resize((96, 64), Image.BILINEAR)
+    out = extract_multiscale(model, pil_to_tensor(small), xs, orig_size=im.size)
+    x = (pil_to_tensor(small).float()[None] / 255 - torch.tensor(model.mean).view(1, 3, 1, 1)) / torch.tensor(
+        model.std
+    ).view(1, 3, 1, 1)
+    gs, cands = [], []
+    for s in xs.scales:
+        xs_ = torch.nn.functional.interpolate(x, size=(round(64 * s), round(96 * s)), mode="bilinear",
+                                              align_corners=False, antialias=s < 1) if s != 1.0 else x
+        o = model.extract(xs_)
+        if s in xs.global_scales:
+            gs.append(o["global"][0])
+        h, w = o["attention"].shape[1:]
+        c = model.keypoint_centers(h, w).numpy()
+        c = c * np.array([192 / xs_.shape[-1], 128 / xs_.shape[-2]])
+        for j, a in enumerate(o["attention"][0].reshape(-1).tolist()):
+            cands.append((a, c[j]))
+    g = torch.stack(gs).sum(0)
+    np.testing.assert_allclose(out["global"], (g / g.norm()).numpy(), atol=1e-5)
+    cands.sort(key=lambda t: -t[0])
+    top = np.array([c for _, c in cands[: xs.max_keypoints]], np.float32)
+    np.testing.assert_allclose(out["scores"], [a for a, _ in cands[: xs.max_keypoints]], rtol=1e-5)
+    np.testing.assert_allclose(out["keypoints"], top, atol=1e-3)
+    assert tuple(out["image_size"]) == (192, 128)
+
+
+def test_select_local_matches_brute_force():
+    rng = np.random.default_rng(0)
+    per = []
+    for m in (50, 30, 80):
+        sc = rng.integers(0, 6, m).astype(np.float32)  # many ties
+        per.append((sc, rng.random((m, 2)).astype(np.float32), rng.random((m, 4)).astype(np.float32)))
+    for k, thr in ((10, 0.0), (25, 2.0), (500, 4.0)):
+        kp, de, sc = select_local(per, k, thr)
+        allsc = np.concatenate([p[0] for p in per])
+        allkp = np.concatenate([p[1] for p in per])
+        order = [i for i in sorted(range(len(allsc)), key=lambda i: (-allsc[i], i)) if allsc[i] >= thr][:k]
+        np.testing.assert_array_equal(sc, allsc[order])
+        np.testing.assert_array_equal(kp, allkp[order])
+        assert de.shape == (len(order), 4)
+
+
+def test_global_only_equals_global_of_full(reference, toy, tmp_path):
+    torch.set_num_threads(1)
+    conf = _conf(tmp_path, "extract.local=false", "extract.splits=[query]")
+    main(conf, dataset_from_spec(toy))
+    ref = _conf(reference)
+    assert preset_name(conf) != preset_name(ref)
+    with FeatureStore(store_path(conf, "toy", "query")) as a, FeatureStore(store_path(ref, "toy", "query")) as b:
+        assert "keypoints" not in a.read("q0")
+        np.testing.assert_array_equal(a.read_globals(["q0", "q1"]), b.read_globals(["q0", "q1"]))
+
+
+def test_bad_settings():
+    with pytest.raises(ExtractError, match="global_scales"):
+        ExtractSettings.from_conf(load_config(None, ["extract.global_scales=[0.9]"]))
+
+
+def test_kill_and_resume(reference, toy, tmp_path):
+    """SIGKILL a real extraction when some but not all images are done; the rerun equals an uninterrupted run."""
+    conf = _conf(tmp_path)
+    db = store_path(conf, "toy", "db")
+    progress = sidecar(db, "progress")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    args = [sys.executable, "-c", RUNNER.format(tests=str(REPO / "tests")), str(toy)]
+    proc = subprocess.Popen([*args, "0.2", f"output_dir={tmp_path}", *OVR], env=env, cwd=REPO)
+    try:
+        deadline = time.time() + 120
+        done = 0
+        while time.time() < deadline and proc.poll() is None:
+            if progress.is_file():
+                try:
+                    done = json.loads(progress.read_text())["done"]
+                except (ValueError, KeyError):
+                    done = 0
+                if done >= 3:
+                    break
+            time.sleep(0.05)
+        assert proc.poll() is None, "extraction finished before it could be killed"
+        assert 3 <= done < N_DB
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    with FeatureStore(db, "a", preset=preset_name(conf)) as st:  # opening for writing recovers what is there
+        assert 3 <= len(st) < N_DB
+    torch.set_num_threads(1)
+    main(conf, dataset_from_spec(toy))  # the rerun (in-process: same code path, saves a Python start)
+    _assert_same_stores(db, store_path(_conf(reference), "toy", "db"))
+    _assert_same_stores(store_path(conf, "toy", "query"), store_path(_conf(reference), "toy", "query"))
+    assert json.loads(sidecar(db, "skipped").read_text())[0]["name"] == "broken"
+
+
+def test_shards_merge_equal_single_run(reference, toy, tmp_path):
+    torch.set_num_threads(1)
+    ds = dataset_from_spec(toy)
+    main(_conf(tmp_path, "shard=1/2"), ds)
+    db = store_path(_conf(tmp_path), "toy", "db")
+    assert part_path(db, 1, 2).is_file() and not part_path(db, 0, 2).is_file()
+    with FeatureStore(part_path(db, 1, 2)) as st:
+        assert st.names() == sorted(ds.db_names[1::2])  # disjoint interleaved part
+    main(_conf(tmp_path, "shard=0/2"), ds)  # the last part to finish merges
+    assert not part_path(db, 0, 2).exists() and not part_path(db, 1, 2).exists()
+    _assert_same_stores(db, store_path(_conf(reference), "toy", "db"))
+    _assert_same_stores(store_path(_conf(tmp_path), "toy", "query"), store_path(_conf(reference), "toy", "query"))
+    assert [s["name"] for s in json.loads(sidecar(db, "skipped").read_text())] == ["broken"]
+
+
+def test_rerun_skips_and_overwrite_redoes(reference, toy, tmp_path, monkeypatch):
+    import delg.extract as E
+
+    ds = dataset_from_spec(toy)
+    calls = []
+    orig = E.load_model
+
+    def counting(conf):
+        calls.append(1)
+        return orig(conf)
+
+    monkeypatch.setattr(E, "load_model", counting)
+    main(_conf(reference, "extract.splits=[query]"), ds)
+    assert calls == []  # everything done: the model is not even built
+    torch.set_num_threads(1)
+    main(_conf(tmp_path, "extract.splits=[query]"), ds)
+    q = store_path(_conf(tmp_path), "toy", "query")
+    with FeatureStore(q, "a") as st:  # tamper, then overwrite=true must redo it
+        st.write("q0", {"global": np.zeros(1280, np.float32), "image_size": [1, 1]}, overwrite=True)
+    main(_conf(tmp_path, "extract.splits=[query]", "overwrite=true"), ds)
+    assert len(calls) == 2
+    _assert_same_stores(q, store_path(_conf(reference), "toy", "query"))
+
+
+def test_merge_only_cli_keeps_valid_part_work(reference, toy, tmp_path):
+    """A crashed sharded run: extract.merge=true merges what the parts hold; a normal run completes the rest."""
+    torch.set_num_threads(1)
+    ds = dataset_from_spec(toy)
+    main(_conf(tmp_path, "shard=0/3", "extract.splits=[db]"), ds)  # parts 1, 2 never ran
+    db = store_path(_conf(tmp_path), "toy", "db")
+    assert part_path(db, 0, 3).is_file() and not db.is_file()
+    main(_conf(tmp_path, "extract.merge=true", "extract.splits=[db]"), ds)
+    with FeatureStore(db) as st:
+        assert st.names() == sorted(n for n in ds.db_names[0::3] if n != "broken")
+    main(_conf(tmp_path, "extract.splits=[db]"), ds)
+    _assert_same_stores(db, store_path(_conf(reference), "toy", "db"))
+
+
+def test_cli_script_rejects_unknown_key():
+    res = subprocess.run(["bash", str(REPO / "extract_features.sh"), "extract.max_keypoint=1"], capture_output=True,
+                         text=True, cwd=REPO)
+    assert res.returncode == 2 and "extract.max_keypoint" in res.stderr and "extract.max_keypoints" in res.stderr
+
+
+def test_parse_shard(monkeypatch):
+    from delg.config import ConfigError
+    from delg.extract import parse_shard
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert parse_shard(load_config(None, [])) is None
+    assert parse_shard(load_config(None, ["shard=2/5"])) == (2, 5)
+    assert parse_shard(load_config(None, ["shard=0/1"])) is None
+    for bad in ("5/5", "x", "1-2"):
+        with pytest.raises(ConfigError, match="shard"):
+            parse_shard(load_config(None, [f"shard={bad}"]))
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    assert parse_shard(load_config(None, [])) == (3, 4)  # torchrun
+    assert parse_shard(load_config(None, ["shard=1/2"])) == (1, 2)  # explicit wins

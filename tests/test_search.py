@@ -1,0 +1,195 @@
+"""Global search: exact FAISS vs NumPy, depth cut, chunking, missing images, index reuse, alpha-QE, DBA, IVF-PQ."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from delg.config import load_config
+from delg.data.dataset import RetrievalDataset
+from delg.data.revisitop import GroundTruth
+from delg.extract import extraction_settings, preset_name, split_tag, store_path
+from delg.search import SearchError, alpha_qe, dba_vectors, main, search_one
+from delg.store import FeatureStore
+
+
+def clustered(rng: np.random.Generator, n: int, d: int, k: int = 20, spread: float = 0.3) -> np.ndarray:
+    centres = rng.standard_normal((k, d))
+    x = centres[rng.integers(0, k, n)] + spread * rng.standard_normal((n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def make_case(root: Path, n_db: int = 300, n_q: int = 7, d: int = 32, seed: int = 0, skip: tuple[int, ...] = (),
+              *overrides: str):
+    """A dataset whose stores already hold synthetic global descriptors (no model needed)."""
+    conf = load_config(None, [f"output_dir={root}", "progress=false", *overrides])
+    rng = np.random.default_rng(seed)
+    X = clustered(rng, n_db, d)
+    Q = clustered(rng, n_q, d)
+    ds = RetrievalDataset(
+        name="synth",
+        db_paths=[root / f"db{i}.jpg" for i in range(n_db)],
+        db_names=[f"db/{i:05d}" for i in range(n_db)],
+        query_paths=[root / f"q{j}.jpg" for j in range(n_q)],
+        query_names=[f"q{j}" for j in range(n_q)],
+        query_bbx=[None] * n_q,
+        gnd=GroundTruth("synth", [], [], []),
+    )
+    for split, names, vecs in (("db", ds.db_names, X), ("query", ds.query_names, Q)):
+        with FeatureStore(store_path(conf, "synth", split), "a", preset=preset_name(conf),
+                          settings=extraction_settings(conf, split_tag(conf, split))) as st:
+            for i, (n, v) in enumerate(zip(names, vecs)):
+                if split == "db" and i in skip:
+                    continue
+                st.write(n, {"global": v, "image_size": [10, 10]})
+    if skip:
+        path = store_path(conf, "synth", "db")
+        (path.parent / f"{path.stem}.skipped.json").write_text(
+            "[" + ",".join(f'{{"name": "{ds.db_names[i]}", "path": "x", "error": "x"}}' for i in skip) + "]"
+        )
+    return conf, ds, X, Q
+
+
+def numpy_ranks(X: np.ndarray, Q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    S = X @ Q.T  # (n_db, n_q)
+    order = np.argsort(-S, axis=0, kind="stable")
+    return order, np.take_along_axis(S, order, axis=0)
+
+
+def test_exact_matches_numpy_and_depth(tmp_path):
+    conf, ds, X, Q = make_case(tmp_path, 300, 7, 32, 0, (), "search.depth=50")
+    path = main(conf, ds)
+    assert path == tmp_path / "ranks" / "global.npy"
+    ranks, scores = np.load(path), np.load(tmp_path / "ranks" / "global_scores.npy")
+    assert ranks.shape == (50, 7) and ranks.dtype == np.int64 and scores.dtype == np.float32
+    ref, ref_s = numpy_ranks(X, Q)
+    np.testing.assert_array_equal(ranks, ref[:50])
+    np.testing.assert_allclose(scores, ref_s[:50], atol=1e-5)
+    # depth beyond n_db: every database image once per column
+    conf2, ds2, X2, Q2 = make_case(tmp_path / "b", 40, 3, 16, 1, (), "search.depth=1000")
+    r2 = np.load(main(conf2, ds2))
+    assert r2.shape == (40, 3)
+    np.testing.assert_array_equal(np.sort(r2, axis=0), np.arange(40)[:, None].repeat(3, 1))
+    np.testing.assert_array_equal(r2, numpy_ranks(X2, Q2)[0])
+
+
+def test_chunking_does_not_change_results(tmp_path):
+    conf, ds, X, Q = make_case(tmp_path / "a", 257, 9, 32, 2, (), "search.chunk=16", "search.query_chunk=2",
+                               "search.depth=30")
+    r_small = np.load(main(conf, ds))
+    conf2, ds2, _, _ = make_case(tmp_path / "b", 257, 9, 32, 2, (), "search.depth=30")
+    r_big = np.load(main(conf2, ds2))
+    np.testing.assert_array_equal(r_small, r_big)
+    np.testing.assert_array_equal(r_small, numpy_ranks(X, Q)[0][:30])
+
+
+def test_missing_db_images_rank_last(tmp_path):
+    conf, ds, X, Q = make_case(tmp_path, 30, 2, 16, 3, (4, 17), "search.depth=100")
+    ranks = np.load(main(conf, ds))
+    scores = np.load(tmp_path / "ranks" / "global_scores.npy")
+    assert ranks.shape == (30, 2)
+    np.testing.assert_array_equal(ranks[-2:], [[4, 4], [17, 17]])
+    assert np.isneginf(scores[-2:]).all() and np.isfinite(scores[:-2]).all()
+    keep = np.array([i for i in range(30) if i not in (4, 17)])
+    ref = keep[numpy_ranks(X[keep], Q)[0]]
+    np.testing.assert_array_equal(ranks[:-2], ref)
+
+
+def test_index_saved_reused_and_invalidated(tmp_path):
+    conf, ds, X, Q = make_case(tmp_path, 100, 3, 16, 4, (), "search.depth=10")
+    main(conf, ds)
+    feats = store_path(conf, "synth", "db").parent
+    idx = sorted(feats.glob("*.faiss"))
+    assert len(idx) == 1
+    stamp = idx[0].stat().st_mtime_ns
+    import delg.search as S
+
+    S._CACHE.clear()
+    main(conf, ds)  # same store: the saved index is loaded, not rewritten
+    assert sorted(feats.glob("*.faiss")) == idx and idx[0].stat().st_mtime_ns == stamp
+    # the database changes (one more image): a new index replaces the old one, results include the new image
+    new = np.asarray(Q[0], np.float32)
+    with FeatureStore(store_path(conf, "synth", "db"), "a") as st:
+        st.write("db/new", {"global": new, "image_size": [10, 10]})
+    ds.db_names.append("db/new")
+    ds.db_paths.append(tmp_path / "new.jpg")
+    S._CACHE.clear()
+    ranks = np.load(main(conf, ds))
+    after = sorted(feats.glob("*.faiss"))
+    assert len(after) == 1 and after != idx
+    assert ranks[0, 0] == 100  # the exact copy of query 0 ranks first
+
+
+def test_alpha_qe_and_dba_against_numpy(tmp_path):
+    conf, ds, X, Q = make_case(tmp_path / "qe", 200, 5, 32, 5, (), "search.qe_k=3", "search.alpha=3.0",
+                               "search.depth=20")
+    ranks = np.load(main(conf, ds))
+    order, s = numpy_ranks(X, Q)
+    w = np.maximum(s[:3], 0) ** 3  # (3, nq)
+    q2 = Q + np.einsum("kq,kqd->qd", w, X[order[:3]])
+    q2 /= np.linalg.norm(q2, axis=1, keepdims=True)
+    np.testing.assert_array_equal(ranks, numpy_ranks(X, q2)[0][:20])
+    # the helper itself on a case worked by hand: weights 1 and 0.5^1
+    q = np.array([[1.0, 0.0]], np.float32)
+    nb = np.array([[[0.0, 1.0], [1.0, 0.0]]], np.float32)
+    np.testing.assert_allclose(alpha_qe(q, nb, np.array([[1.0, 0.5]]), 1.0), [[1.5 / np.hypot(1.5, 1), 1 / np.hypot(1.5, 1)]],
+                               atol=1e-6)
+
+    conf, ds, X, Q = make_case(tmp_path / "dba", 200, 5, 32, 6, (), "search.dba_k=4", "search.alpha=2.0",
+                               "search.depth=20")
+    ranks = np.load(main(conf, ds))
+    S = X @ X.T
+    nn = np.argsort(-S, axis=1, kind="stable")[:, :4]
+    w = np.maximum(np.take_along_axis(S, nn, 1), 0) ** 2
+    Xd = np.einsum("nk,nkd->nd", w, X[nn])
+    Xd /= np.linalg.norm(Xd, axis=1, keepdims=True)
+    ref = numpy_ranks(Xd, Q)[0][:20]
+    np.testing.assert_array_equal(ranks, ref)
+    np.testing.assert_allclose(dba_vectors(X[nn[:3]], np.take_along_axis(S, nn, 1)[:3], 2.0), Xd[:3], atol=1e-5)
+
+
+def test_ivfpq_recall_and_search_one(tmp_path):
+    conf, ds, X, Q = make_case(tmp_path, 2000, 20, 32, 7, (), "search.index=ivfpq", "search.m=8", "search.nbits=6",
+                               "search.nlist=16",
+                               "search.nprobe=16", "search.depth=10")
+    ranks = np.load(main(conf, ds))
+    exact = numpy_ranks(X, Q)[0][:10]
+    recall = np.mean([len(set(ranks[:, j]) & set(exact[:, j])) / 10 for j in range(Q.shape[0])])
+    assert recall >= 0.5, recall
+    idx, sc = search_one(Q[3], conf, ds)
+    np.testing.assert_array_equal(idx, ranks[:, 3])
+    assert sc.shape == (10,) and np.all(np.diff(sc) <= 1e-6)
+    with pytest.raises(SearchError, match="descriptor has size"):
+        search_one(np.zeros(7, np.float32), conf, ds)
+
+
+def test_bad_settings(tmp_path):
+    conf, ds, _, _ = make_case(tmp_path, 300, 2, 32, 8, (), "search.index=ivfpq", "search.m=5")
+    with pytest.raises(SearchError, match="search.m"):
+        main(conf, ds)
+    conf, ds, _, _ = make_case(tmp_path / "b", 30, 2, 32, 8, (), "search.index=hnsw")
+    with pytest.raises(SearchError, match="search.index"):
+        main(conf, ds)
+
+
+def test_missing_stores_trigger_extraction(tmp_path, monkeypatch):
+    import delg.extract as E
+
+    conf, ds, X, Q = make_case(tmp_path, 50, 2, 16, 9, (), "search.depth=5")
+    qpath = store_path(conf, "synth", "query")
+    qpath.unlink()
+    calls = []
+
+    def fake_extract(sub, dataset):
+        calls.append(list(sub.extract.splits))
+        with FeatureStore(qpath, "a", preset=preset_name(conf)) as st:
+            for n, v in zip(dataset.query_names, Q):
+                st.write(n, {"global": v, "image_size": [10, 10]})
+        return qpath.parent
+
+    monkeypatch.setattr(E, "main", fake_extract)
+    ranks = np.load(main(conf, ds))
+    assert calls == [["query"]]  # only what was missing
+    np.testing.assert_array_equal(ranks, numpy_ranks(X, Q)[0][:5])
