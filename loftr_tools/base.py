@@ -42,6 +42,9 @@ class Verifier(ABC):
     def __init__(self, conf: dict[str, Any] | None = None, device: torch.device | str = "cpu") -> None:
         self.conf = {**self.default_conf, **(conf or {})}
         self.device = torch.device(device)
+        # Device policy: run where asked, never fall back silently (a 'cuda' run on CPU would be hours slower).
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise VerifierUnavailable(f"device '{device}' requested but CUDA is not available; use device=cpu")
 
     @abstractmethod
     def prepare(self, ref: ImageRef) -> Any:

@@ -98,12 +98,6 @@ def build_lightglue(features: str, **conf: Any) -> torch.nn.Module:
     return model.eval()
 
 
-def _resolve_device(device: torch.device | str) -> torch.device:
-    d = torch.device(device)
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise VerifierUnavailable(f"device '{device}' requested but CUDA is not available; use device=cpu")
-    return d
-
 
 class _LightGlueVerifier(Verifier):
     """Shared part: prepare = extractor on the resized image; match = LightGlue."""
@@ -121,7 +115,6 @@ class _LightGlueVerifier(Verifier):
 
     def __init__(self, conf: dict[str, Any] | None = None, device: torch.device | str = "cpu") -> None:
         super().__init__(conf, device)
-        self.device = _resolve_device(self.device)
         # Mixed precision only on CUDA: CPU autocast (bfloat16) is slower and less accurate here.
         self.amp = bool(self.conf["mixed_precision"]) and self.device.type == "cuda"
         self.extractor = self._build_extractor().to(self.device).eval()

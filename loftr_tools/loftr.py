@@ -141,12 +141,6 @@ def _windows(fine_padded: torch.Tensor, batch: torch.Tensor, ids: torch.Tensor, 
     return win.reshape(ids.shape[0], window * window, fine_padded.shape[1])
 
 
-def _resolve_device(device: torch.device | str) -> torch.device:
-    d = torch.device(device)
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise VerifierUnavailable(f"device '{device}' requested but CUDA is not available; use device=cpu")
-    return d
-
 
 class LoFTRVerifier(Verifier):
     """LoFTR matches on cached per-image features.  Config section ``loftr`` (``delg/conf/loftr.yaml``).
@@ -179,7 +173,6 @@ class LoFTRVerifier(Verifier):
 
     def __init__(self, conf: dict[str, Any] | None = None, device: torch.device | str = "cpu") -> None:
         super().__init__(conf, device)
-        self.device = _resolve_device(self.device)
         self.weights = resolve_weights(self.conf["weights"])
         if not self.weights.is_file():
             raise VerifierUnavailable(
