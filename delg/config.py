@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -185,7 +186,7 @@ def dump_config(conf: Mapping[str, Any], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = conf.to_dict() if isinstance(conf, Config) else dict(conf)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: sharded ranks write the same file
     tmp.write_text(yaml.safe_dump(data, sort_keys=False))
     tmp.replace(path)
     return path

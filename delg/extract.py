@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from delg.config import Config, ConfigError, load_config, split_cli
+from delg.config import Config, ConfigError, dump_config, load_config, split_cli
 from delg.data.images import ImageReadError, load_pil, resize_max_side
 from delg.store import FeatureStore, StoreError
 
@@ -585,6 +585,8 @@ def main(conf: Config, dataset: Any = None) -> Path:
     ExtractSettings.from_conf(conf)  # fail early on bad settings
     out = features_dir(conf, dataset.name)
     out.mkdir(parents=True, exist_ok=True)
+    # The resolved config beside the stores it made (one file per preset, so two models never share one).
+    dump_config(conf, out / f"{preset_name(conf)}.config.yaml")
     model_box: list[torch.nn.Module] = []
 
     def get_model() -> torch.nn.Module:

@@ -31,7 +31,7 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from delg.config import Config, ConfigError, load_config, split_cli
+from delg.config import Config, ConfigError, dump_config, load_config, split_cli
 from delg.extract import (
     ExtractError,
     preset_name,
@@ -381,6 +381,7 @@ def main(conf: Config, dataset: Any = None) -> Path:
     ensure_features(conf, dataset)
     out = Path(conf.output_dir) / "ranks"
     out.mkdir(parents=True, exist_ok=True)
+    dump_config(conf, out / "global.config.yaml")
     ranks_path, scores_path, meta_path = out / "global.npy", out / "global_scores.npy", out / "global.meta.json"
     db = get_index(conf, dataset)
     qpath = store_path(conf, dataset.name, "query")
