@@ -64,7 +64,7 @@ class Resized:
         im = self.image
         if gray and im.ndim == 3:
             im = cv2.cvtColor(im, cv2.COLOR_RGB2GRAY)
-        t = torch.from_numpy(np.ascontiguousarray(im)).to(device)
+        t = torch.from_numpy(np.array(im, copy=True)).to(device)  # load_image arrays are read-only
         t = t[None, None] if t.ndim == 2 else t.permute(2, 0, 1)[None]
         return t.float() / 255.0
 
