@@ -14,7 +14,8 @@ from __future__ import annotations
 import copy
 import difflib
 import os
-from collections.abc import Iterable, Mapping
+import sys
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -209,3 +210,26 @@ def split_cli(argv: list[str]) -> tuple[str | None, list[str]]:
         else:
             rest.append(a)
     return path, rest
+
+
+def run_stage(
+    main: Callable[[Config], Any],
+    argv: list[str],
+    doc: str | None = None,
+    errors: tuple[type[BaseException], ...] = (),
+    default_config: str | None = None,
+) -> int:
+    """The thin CLI of every stage: ``[--config FILE] [key=value ...]``, ``-h`` prints ``doc``, and expected
+    failures (``ConfigError``, ``FileNotFoundError`` and ``errors``) are one line on stderr with exit code 2."""
+    try:
+        path, overrides = split_cli(argv)
+        if "-h" in overrides or "--help" in overrides:
+            print(doc or "")
+            return 0
+        out = main(load_config(path or default_config, overrides))
+    except (ConfigError, FileNotFoundError, *errors) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if out is not None:
+        print(out)
+    return 0

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from delg.config import Config, ConfigError, dump_config, load_config, split_cli
+from delg.config import Config, ConfigError, dump_config, run_stage
 from delg.data.images import ImageReadError, load_pil, resize_max_side
 from delg.store import FeatureStore, StoreError
 
@@ -623,13 +623,4 @@ def stores_complete(conf: Config, dataset: Any, split: str) -> bool:
 
 
 if __name__ == "__main__":
-    cfg_path, overrides = split_cli(sys.argv[1:])
-    if "-h" in overrides or "--help" in overrides:
-        print(__doc__)
-        sys.exit(0)
-    try:
-        cfg = load_config(cfg_path, overrides)
-        print(main(cfg))
-    except (ConfigError, ExtractError, StoreError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_stage(main, sys.argv[1:], __doc__, (ExtractError, StoreError)))

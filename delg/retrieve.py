@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from delg.config import Config, ConfigError, dump_config, load_config, split_cli
+from delg.config import Config, ConfigError, dump_config, run_stage
 from delg.data.dataset import RetrievalDataset, load_dataset
 from delg.data.revisitop import GroundTruth
 from delg.evaluate import evaluate, format_table
@@ -257,17 +257,7 @@ def search_photo(conf: Config, photo: Path) -> Path:
 
 def cli(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        path, overrides = split_cli(sys.argv[1:] if argv is None else argv)
-        if "-h" in overrides or "--help" in overrides:
-            print(__doc__)
-            return 0
-        conf = load_config(path or DEFAULT_CONFIG, overrides)
-        main(conf)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_stage(main, sys.argv[1:] if argv is None else argv, __doc__, default_config=DEFAULT_CONFIG)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from delg.config import Config, ConfigError, dump_config, load_config, split_cli
+from delg.config import Config, dump_config, run_stage
 from delg.extract import (
     ExtractError,
     preset_name,
@@ -457,13 +457,4 @@ __all__ = [
 ]
 
 if __name__ == "__main__":
-    cfg_path, overrides = split_cli(sys.argv[1:])
-    if "-h" in overrides or "--help" in overrides:
-        print(__doc__)
-        sys.exit(0)
-    try:
-        cfg = load_config(cfg_path, overrides)
-        print(main(cfg))
-    except (ConfigError, ExtractError, SearchError, StoreError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_stage(main, sys.argv[1:], __doc__, (ExtractError, SearchError, StoreError)))
