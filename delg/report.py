@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw
 
 from delg.data.dataset import RetrievalDataset
 from delg.data.images import ImageReadError, load_pil
+from loftr_tools.base import IDENTICAL_INLIERS
 
 COLOURS = {"easy": "#1a9850", "hard": "#91cf60", "junk": "#969696", "neg": "#d73027"}
 MatchFn = Callable[[int, int], "tuple[np.ndarray, np.ndarray] | None"]
@@ -148,13 +149,15 @@ def write_report(
                 cap = f"{pos + 1}. {lab}"
                 n_in = inliers.get(method, {}).get((q, db))
                 if n_in is not None:
-                    cap += f" · {n_in} inl."
+                    cap += " · same image" if n_in >= IDENTICAL_INLIERS else f" · {n_in} inl."
                 cells.append(_cell(db_uri(db), COLOURS[lab], cap))
             parts.append(f"<div class='method'>{html.escape(method)}</div><div class='row'>{''.join(cells)}</div>")
             fn = match_fn.get(method)
             if fn is not None and n_draw > 0:
                 pics = []
                 for db in ranks[:n_draw, q]:
+                    if inliers.get(method, {}).get((q, int(db)), 0) >= IDENTICAL_INLIERS:
+                        continue  # the query itself: nothing to draw
                     got = fn(q, int(db))
                     if got is None:
                         continue

@@ -17,6 +17,9 @@ import numpy as np
 import torch
 
 BBox = tuple[float, float, float, float]
+# Score of an image paired with itself (same file, no crop; folder datasets, where queries are database images too):
+# above any real inlier count, so an exact duplicate of the query ranks first; never matched (it would only cost time).
+IDENTICAL_INLIERS = 1_000_000
 
 
 @dataclass(frozen=True)

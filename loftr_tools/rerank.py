@@ -16,8 +16,11 @@ Caching:
   (sized with ``Verifier.feature_nbytes``). Pairs run query-major and queries are ordered greedily so that
   consecutive queries share database images, which are then still cached. A verifier with
   ``match_many(f0, f1s)`` (LoFTR) gets up to ``<section>.batch_size`` pairs of one query at a time.
+* Pairs of two whole images (no crop: folder datasets, where every query is also a database image) are unordered:
+  (a, b) is matched once, in the order of the images' paths, and its count also answers (b, a); an image paired
+  with itself (same file, no crop) is not matched and scores :data:`IDENTICAL_INLIERS`.
 * Inliers: one SQLite file per verifier + RANSAC setting, ``<output_dir>/matches/inliers-<tag>.sqlite``, keyed by
-  (query key incl. crop, database key). Each pair is committed as soon as it is scored, so a killed run loses at most
+  (query key incl. crop, database key), or for an unordered pair by ``('pair:' + first path, second path)``. Each pair is committed as soon as it is scored, so a killed run loses at most
   the pair in progress, a rerun skips what is done, and another protocol (or ``top_k`` <= the cached one) reuses the
   counts without matching anything. (With ``match_many`` a kill loses at most the batch in progress.)
 
@@ -29,6 +32,7 @@ CLI: ``python -m loftr_tools.rerank --config configs/demo.yaml rerank.methods=[l
 
 from __future__ import annotations
 
+import functools
 import logging
 import sqlite3
 import sys
@@ -43,7 +47,7 @@ import numpy as np
 import torch
 
 from delg.data.images import ImageReadError
-from loftr_tools.base import ImageRef, Verifier
+from loftr_tools.base import IDENTICAL_INLIERS, ImageRef, Verifier
 from loftr_tools.ransac import RansacConf, ransac_inliers
 from loftr_tools.resize import is_oom, run_with_oom_retry, smaller_long_side
 
@@ -228,12 +232,16 @@ class RerankStats:
     failed_pairs: int = 0  # scored 0 because an image could not be read
     failed_images: dict[str, str] = field(default_factory=dict)  # image key -> error
     oom_retries: int = 0
+    symmetric: int = 0  # answered by the reverse pair (two whole images, matched once)
+    identical: int = 0  # an image paired with itself: not matched
     prepared: int = 0  # images prepared (feature cache misses)
     seconds: float = 0.0
 
     def summary(self) -> str:
-        s = (f"{self.pairs} pairs: {self.cached} cached, {self.matched} matched, {self.failed_pairs} failed; "
-             f"{self.prepared} images prepared; {self.oom_retries} OOM retries; {self.seconds:.1f} s")
+        s = f"{self.pairs} pairs: {self.cached} cached, {self.matched} matched, {self.failed_pairs} failed"
+        if self.symmetric or self.identical:
+            s += f", {self.symmetric} answered by the reverse pair, {self.identical} identical"
+        s += f"; {self.prepared} images prepared; {self.oom_retries} OOM retries; {self.seconds:.1f} s"
         if self.failed_images:
             s += f"; {len(self.failed_images)} unreadable images: " + "; ".join(self.failed_images.values())
         return s
@@ -244,6 +252,11 @@ def _query_key(ref: ImageRef) -> str:
     if ref.crop is None:
         return ref.key
     return ref.key + "@" + ",".join(f"{float(c):g}" for c in ref.crop)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _resolved(path: Path) -> str:
+    return str(Path(path).resolve())
 
 
 def dataset_refs(dataset: Any) -> tuple[list[ImageRef], list[ImageRef]]:
@@ -368,56 +381,84 @@ class Reranker:
 
     # -- pairs ----------------------------------------------------------------------------------------------
 
+    def _pair_job(self, q: ImageRef, d: ImageRef) -> tuple[tuple[str, str] | None, ImageRef, ImageRef]:
+        """Cache key of a pair and the order its images are matched in.
+
+        Two whole images (no crop) form an unordered pair: key and order follow their resolved paths, so (a, b) and
+        (b, a) are one job whichever is asked first (a resumed run scores them exactly as an uninterrupted one).
+        The key is ``None`` for an image paired with itself. Verifiers that read feature stores keep (query, db).
+        """
+        if q.crop is None and d.crop is None and not getattr(self.verifier, "reads_store", False):
+            a, b = _resolved(q.path), _resolved(d.path)
+            if a == b:
+                return None, q, d
+            return (("pair:" + a, b), q, d) if a < b else (("pair:" + b, a), d, q)
+        return (_query_key(q), d.key), q, d
+
     def score_pairs(self, pairs: Mapping[ImageRef, Sequence[ImageRef]]) -> dict[tuple[str, str], int]:
         """Inlier counts of ``{query_ref: [db_refs]}``, keyed by ``(query_ref.key, db_ref.key)``.
 
-        Cached pairs are read, the rest matched (query-major, queries ordered to reuse cached db features) and
-        written to the cache one by one. Pairs with an unreadable image score 0 (not cached).
+        Cached pairs are read, the rest matched (grouped by first image, groups ordered to reuse cached features)
+        and written to the cache one by one. Pairs with an unreadable image score 0 (not cached).
         """
         t0 = time.time()
-        queries = list(pairs)
-        want = {(_query_key(q), d.key): (q, d) for q in queries for d in pairs[q]}
-        known = self.cache.get_many(want)
-        self.stats.pairs += len(want)
-        self.stats.cached += len(known)
-        out: dict[tuple[str, str], int] = {}
-        for (qk, dk), (q, d) in want.items():
-            if (qk, dk) in known:
-                out[(q.key, d.key)] = known[(qk, dk)]
-        todo_by_q = [[d for d in pairs[q] if (_query_key(q), d.key) not in known] for q in queries]
-        db_index = {k: i for i, k in enumerate(dict.fromkeys(d.key for q in queries for d in pairs[q]))}
-        order = order_queries([[db_index[d.key] for d in t] for t in todo_by_q])
-        n_todo = sum(len(t) for t in todo_by_q)
+        job_of: dict[tuple[str, str], tuple[str, str] | None] = {}
+        jobs: dict[tuple[str, str], tuple[ImageRef, ImageRef]] = {}
+        for q in pairs:
+            for d in pairs[q]:
+                key, first, second = self._pair_job(q, d)
+                job_of[(q.key, d.key)] = key
+                if key is not None:
+                    jobs.setdefault(key, (first, second))
+        n_identical = sum(k is None for k in job_of.values())
+        self.stats.pairs += len(job_of)
+        self.stats.identical += n_identical
+        self.stats.symmetric += len(job_of) - n_identical - len(jobs)
+        done = self.cache.get_many(jobs)
+        self.stats.cached += len(done)
+
+        # Jobs grouped by their first image (one prepare, and one match_many batch for LoFTR).
+        groups: dict[str, tuple[ImageRef, list[ImageRef], list[tuple[str, str]]]] = {}
+        for key, (first, second) in jobs.items():
+            if key not in done:
+                g = groups.setdefault(self._feature_key(first), (first, [], []))
+                g[1].append(second)
+                g[2].append(key)
+        group_list = list(groups.values())
+        second_index = {k: i for i, k in enumerate(dict.fromkeys(self._feature_key(s) for g in group_list for s in g[1]))}
+        order = order_queries([[second_index[self._feature_key(s)] for s in g[1]] for g in group_list])
+        n_todo = sum(len(g[1]) for g in group_list)
         bar = None
         if self.progress and n_todo:
             from tqdm import tqdm
 
             bar = tqdm(total=n_todo, desc=f"rerank {self.verifier.name}", unit="pair", dynamic_ncols=True)
-        # Verifiers with a batched match_many (LoFTR) get chunks of one query's pairs.
+        # Verifiers with a batched match_many (LoFTR) get chunks of one first image's pairs.
         batch = int(self.verifier.conf.get("batch_size") or 1) if hasattr(self.verifier, "match_many") else 1
         try:
-            for qi in order:
-                q = queries[qi]
-                # Db images already in the feature cache first, before later ones can evict them.
-                todo = sorted(todo_by_q[qi], key=lambda d: self._feature_key(d) not in self.features)
+            for gi in order:
+                first, seconds, keys = group_list[gi]
+                # Images already in the feature cache first, before later ones can evict them.
+                todo = sorted(zip(seconds, keys), key=lambda sk: self._feature_key(sk[0]) not in self.features)
                 for s in range(0, len(todo), max(1, batch)):
                     chunk = todo[s : s + max(1, batch)]
-                    results = self._score_many(q, chunk) if batch > 1 else [self._score(q, chunk[0])]
-                    for d, r in zip(chunk, results):
+                    refs = [sk[0] for sk in chunk]
+                    results = self._score_many(first, refs) if batch > 1 else [self._score(first, refs[0])]
+                    for (_, key), r in zip(chunk, results):
                         if r is None:
                             self.stats.failed_pairs += 1
-                            out[(q.key, d.key)] = 0
+                            done[key] = 0
                         else:
                             self.stats.matched += 1
-                            self.cache.put(_query_key(q), d.key, r[0], r[1])
-                            out[(q.key, d.key)] = r[0]
+                            self.cache.put(key[0], key[1], r[0], r[1])
+                            done[key] = r[0]
                     if bar is not None:
                         bar.update(len(chunk))
         finally:
             if bar is not None:
                 bar.close()
         self.stats.seconds += time.time() - t0
-        return out
+        return {qd: IDENTICAL_INLIERS if key is None else done[key] for qd, key in job_of.items()}
 
     def rerank(
         self,

@@ -15,6 +15,7 @@ from PIL import Image
 from delg.data.images import ImageReadError
 from loftr_tools.base import ImageRef, Verifier
 from loftr_tools.rerank import (
+    IDENTICAL_INLIERS,
     FeatureCache,
     Reranker,
     RerankStats,
@@ -53,16 +54,18 @@ class TableVerifier(Verifier):
         self.match_calls += 1
         if self.oom_above and self.conf["long_side"] > self.oom_above:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
-        n = self.table.get((f0["name"], f1["name"]), 0)
+        # Whole-image pairs may be matched in either order (unordered pairs): the table is symmetric.
+        n = self.table.get((f0["name"], f1["name"]), self.table.get((f1["name"], f0["name"]), 0))
         rng = np.random.default_rng(n)
         p0 = rng.uniform(0, 500, size=(n, 2)).astype(np.float32)
         return p0, p0 + np.float32(7.0)
 
 
-def _dataset(n_q: int, n_db: int, gnd: list[Any] | None = None) -> SimpleNamespace:
+def _dataset(n_q: int, n_db: int, gnd: list[Any] | None = None, crop: bool = True) -> SimpleNamespace:
+    # Cropped queries (as revisitop's) make (query, db) ordered pairs; whole-image pairs are tested separately.
     return SimpleNamespace(
         query_names=[f"q{i}" for i in range(n_q)], query_paths=[Path(f"/nonexistent/q{i}.jpg") for i in range(n_q)],
-        query_bbx=[None] * n_q, db_names=[f"d{i}" for i in range(n_db)],
+        query_bbx=[(0.0, 0.0, 1000.0, 1000.0) if crop else None] * n_q, db_names=[f"d{i}" for i in range(n_db)],
         db_paths=[Path(f"/nonexistent/d{i}.jpg") for i in range(n_db)], gnd=SimpleNamespace(gnd=gnd),
     )
 
@@ -89,6 +92,29 @@ def test_rerank_orders_top_k_and_keeps_the_rest(tmp_path: Path) -> None:
     assert v.match_calls == 8
 
 
+def test_whole_image_pairs_are_matched_once_and_self_pairs_never(tmp_path: Path) -> None:
+    """Folder datasets: every query is also a database image. (a, b) and (b, a) are one job, matched in path
+    order whichever query asks first; an image paired with itself scores IDENTICAL_INLIERS without matching."""
+    paths = [Path(f"/nonexistent/img{i}.jpg") for i in range(4)]
+    ds = SimpleNamespace(query_names=["a", "b"], query_paths=paths[:2], query_bbx=[None, None],
+                         db_names=["a", "b", "c", "d"], db_paths=paths, gnd=SimpleNamespace(gnd=None))
+    table = {("a", "b"): 30, ("a", "c"): 8, ("b", "d"): 12}
+    ranks = np.array([[0, 1], [1, 0], [2, 3], [3, 2]])  # a: a, b, c, d; b: b, a, d, c
+    v = TableVerifier(table)
+    stats = RerankStats()
+    cache = tmp_path / "inl.sqlite"
+    new, inl = rerank(ds, ranks, None, v, top_k=4, cache_path=cache, ransac=RANSAC_H, stats=stats)
+    assert inl[:, 0].tolist() == [IDENTICAL_INLIERS, 30, 8, 0] and inl[:, 1].tolist() == [IDENTICAL_INLIERS, 30, 12, 0]
+    assert new[:2, 0].tolist() == [0, 1] and new[:2, 1].tolist() == [1, 0]
+    # 8 pairs asked: 2 identical, (a,b)/(b,a) one job, so 5 matched
+    assert (stats.pairs, stats.identical, stats.symmetric, stats.matched) == (8, 2, 1, 5) and v.match_calls == 5
+    # The other query order (b first) asks for the same jobs: everything comes from the cache.
+    v2 = TableVerifier(table)
+    ds2 = SimpleNamespace(**{**ds.__dict__, "query_names": ["b", "a"], "query_paths": [paths[1], paths[0]]})
+    new2, inl2 = rerank(ds2, ranks[:, ::-1], None, v2, top_k=4, cache_path=cache, ransac=RANSAC_H)
+    assert v2.match_calls == 0 and np.array_equal(inl2[:, ::-1], inl)
+
+
 def test_reorder_ties_use_global_similarity() -> None:
     ranks = np.array([[7], [8], [9]])
     inl = np.array([[3], [3], [3]])
@@ -103,7 +129,7 @@ def test_inlier_cache_is_reused(tmp_path: Path) -> None:
     assert cache.is_file() and v1.match_calls == 8
     with sqlite3.connect(cache) as db:
         assert db.execute("SELECT COUNT(*) FROM pairs").fetchone()[0] == 8
-        assert db.execute("SELECT inliers FROM pairs WHERE query='query/q0' AND db='db/d1'").fetchone()[0] == 50
+        assert db.execute("SELECT inliers FROM pairs WHERE query LIKE 'query/q0@%' AND db='db/d1'").fetchone()[0] == 50
     v2 = TableVerifier(TABLE)
     stats = RerankStats()
     r2 = rerank(_dataset(2, 6), RANKS, SCORES, v2, top_k=4, cache_path=cache, ransac=RANSAC_H, stats=stats)
@@ -274,7 +300,9 @@ def test_batched_match_many_is_used() -> None:
 
 def test_image_both_query_and_db_is_prepared_once() -> None:
     v = TableVerifier({("q0", "d1"): 9})
-    ds = _dataset(1, 2)
+    ds = _dataset(1, 3, crop=False)
     ds.db_paths[0] = ds.query_paths[0]  # db image 0 is the query's own file (a folder dataset)
-    rerank(ds, np.array([[0], [1]]), None, v, top_k=2, ransac=RANSAC_H)
-    assert v.prepare_calls == ["query/q0", "db/d1"]
+    _, inl = rerank(ds, np.array([[0], [1], [2]]), None, v, top_k=3, ransac=RANSAC_H)
+    assert inl[:, 0].tolist() == [IDENTICAL_INLIERS, 9, 0]
+    # the query's file is prepared once although it is matched against d1 and d2 (as first or second image)
+    assert sorted(v.prepare_calls) == ["db/d1", "db/d2", "query/q0"] and v.match_calls == 2
