@@ -273,8 +273,16 @@ class LoFTRVerifier(Verifier):
         return [r for r in out if r is not None]
 
     @torch.inference_mode()
-    def _match_batch(self, f0: dict[str, Any], f1s: list[dict[str, Any]]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Pairs ``(f0, f1s[b])`` as one batch; every ``f1s[b]`` has the same map sizes."""
+    def coarse_confidences(self, f0: dict[str, Any], f1: dict[str, Any]) -> np.ndarray:
+        """Confidences :math:`(M,)` of the pair's coarse matches (mutual nearest neighbours above
+        ``loftr.match_threshold``), without the fine stage; for choosing a threshold (bench/rerank_speed.py)."""
+        _, _, data = self._coarse_batch(f0, [f1])
+        return data["mconf"].float().cpu().numpy()
+
+    def _coarse_batch(self, f0: dict[str, Any], f1s: list[dict[str, Any]]
+                      ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """The rest of the coarse transformer and coarse matching of pairs ``(f0, f1s[b])``: ``(x0, x1, data)``
+        with kornia's coarse-match entries (``b_ids``, ``i_ids``, ``j_ids``, ``mconf``, ...) in ``data``."""
         m = self.matcher
         dev, B = self.device, len(f1s)
         data: dict[str, Any] = {
@@ -299,6 +307,15 @@ class LoFTRVerifier(Verifier):
                     x0 = layer(x0, x1)
                     x1 = layer(x1, x0)
             m.coarse_matching(x0, x1, data)
+        return x0, x1, data
+
+    @torch.inference_mode()
+    def _match_batch(self, f0: dict[str, Any], f1s: list[dict[str, Any]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Pairs ``(f0, f1s[b])`` as one batch; every ``f1s[b]`` has the same map sizes."""
+        m = self.matcher
+        dev, B = self.device, len(f1s)
+        x0, x1, data = self._coarse_batch(f0, f1s)
+        with torch.autocast(device_type=dev.type, enabled=self.amp):
             b, i, j = data["b_ids"], data["i_ids"], data["j_ids"]
             if len(b) == 0:
                 empty = np.zeros((0, 2), np.float32)
