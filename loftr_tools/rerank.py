@@ -298,6 +298,9 @@ class Reranker:
         self.oom_factors = tuple(oom_retry_factors) or (1.0,)
         self.min_inliers = int(min_inliers)
         self.stats = RerankStats()
+        # Inlier correspondences of pairs matched in this run, so report pictures need no second match.
+        self.kept_inliers: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+        self.keep_inlier_pairs = 50_000
 
     @staticmethod
     def default_cache_path(output_dir: str | Path, verifier: Verifier, ransac: Mapping[str, Any] | RansacConf | None) -> Path:
@@ -354,7 +357,14 @@ class Reranker:
         if res is None:
             return None
         p0, p1 = res
-        _, n = ransac_inliers(p0, p1, conf=self.ransac)
+        return self._verify(q, d, p0, p1)
+
+    def _verify(self, q: ImageRef, d: ImageRef, p0: np.ndarray, p1: np.ndarray) -> tuple[int, int]:
+        """RANSAC on a pair's matches: ``(inliers, matches)``; the inlier points are kept for report pictures."""
+        mask, n = ransac_inliers(p0, p1, conf=self.ransac)
+        if len(self.kept_inliers) < self.keep_inlier_pairs:
+            m = np.asarray(mask, bool).reshape(-1)
+            self.kept_inliers[(self._feature_key(q), self._feature_key(d))] = (np.asarray(p0)[m], np.asarray(p1)[m])
         return n, len(p0)
 
     def _score_many(self, q: ImageRef, ds: Sequence[ImageRef]) -> list[tuple[int, int] | None]:
@@ -376,7 +386,7 @@ class Reranker:
             log.warning("out of memory on a batch of %d pairs of %s; matching them one by one", len(ok), q.key)
             return [self._score(q, d) for d in ds]
         for i, (p0, p1) in zip(ok, matches):
-            out[i] = (ransac_inliers(p0, p1, conf=self.ransac)[1], len(p0))
+            out[i] = self._verify(q, ds[i], p0, p1)
         return out
 
     # -- pairs ----------------------------------------------------------------------------------------------
@@ -533,9 +543,16 @@ class Reranker:
         """RANSAC-inlier correspondences ``(pts0, pts1)`` (each ``(N, 2)``, original cropped pixels) of dataset
         query ``query`` and database image ``db``, for pictures (report.html); ``None`` if an image is unreadable.
 
-        Uses the feature cache, so the top hits just reranked are usually not prepared again.
+        Pairs matched in this run come from memory; others (inlier counts read from the cache) are matched again,
+        using the feature cache.
         """
         qrefs, drefs = dataset_refs(dataset)
+        k0, k1 = self._feature_key(qrefs[query]), self._feature_key(drefs[db])
+        if (k0, k1) in self.kept_inliers:
+            return self.kept_inliers[(k0, k1)]
+        if (k1, k0) in self.kept_inliers:  # matched as the unordered pair (db, query)
+            p1, p0 = self.kept_inliers[(k1, k0)]
+            return p0, p1
         f0, f1 = self._prepare(qrefs[query]), self._prepare(drefs[db])
         if f0 is None or f1 is None:
             return None

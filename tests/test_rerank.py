@@ -108,6 +108,14 @@ def test_whole_image_pairs_are_matched_once_and_self_pairs_never(tmp_path: Path)
     assert new[:2, 0].tolist() == [0, 1] and new[:2, 1].tolist() == [1, 0]
     # 8 pairs asked: 2 identical, (a,b)/(b,a) one job, so 5 matched
     assert (stats.pairs, stats.identical, stats.symmetric, stats.matched) == (8, 2, 1, 5) and v.match_calls == 5
+    # Report pictures reuse this run's inlier points, oriented (query, db) even where the pair ran as (db, query).
+    rr = Reranker(v, RANSAC_H)
+    rr.rerank(ds, ranks, None, top_k=4)
+    calls = v.match_calls
+    p0, p1 = rr.inlier_matches(ds, 0, 2)  # query a, db c: matched as (a, c)
+    assert len(p0) == 8 and np.allclose(p1 - p0, 7)
+    p0, p1 = rr.inlier_matches(ds, 1, 0)  # query b, db a: matched as (a, b)
+    assert len(p0) == 30 and np.allclose(p1 - p0, -7) and v.match_calls == calls
     # The other query order (b first) asks for the same jobs: everything comes from the cache.
     v2 = TableVerifier(table)
     ds2 = SimpleNamespace(**{**ds.__dict__, "query_names": ["b", "a"], "query_paths": [paths[1], paths[0]]})
