@@ -260,3 +260,60 @@ def test_pycls_checkpoint_import(tmp_path):
     with pytest.raises(CheckpointError, match=r"missing: .*layer2\.1\.conv3\.weight"):
         build_model(_conf(backbone="resnet50", checkpoint=str(tmp_path / "y.pyth")))
 
+
+
+# ------------------------------------------------------------------------------------------------ whitening init
+def test_pca_projection_orthonormal_and_matches_svd():
+    from delg.model.heads import GlobalHead, pca_projection
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 12, generator=g, dtype=torch.float64) @ torch.randn(12, 12, generator=g,
+                                                                                dtype=torch.float64) + 3.0
+    w, b = pca_projection(x, 5)
+    assert w.shape == (5, 12) and b.shape == (5,)
+    torch.testing.assert_close(w.double() @ w.double().t(), torch.eye(5, dtype=torch.float64), atol=1e-5, rtol=0)
+    # Explicit computation: the top-5 right singular vectors of the centred data (up to sign), bias = -W mean.
+    mean = x.mean(0)
+    _, s, vt = torch.linalg.svd(x - mean, full_matrices=False)
+    signs = torch.sign((w.double() * vt[:5]).sum(1))
+    torch.testing.assert_close(w.double() * signs[:, None], vt[:5], atol=1e-5, rtol=0)
+    torch.testing.assert_close(b.double(), -(w.double() @ mean), atol=1e-4, rtol=0)
+    y = x.float() @ w.t() + b  # centred, variances = the top eigenvalues in decreasing order
+    torch.testing.assert_close(y.mean(0), torch.zeros(5), atol=1e-4, rtol=0)
+    torch.testing.assert_close(y.var(0).double(), s[:5] ** 2 / 199, rtol=1e-4, atol=0)
+
+    # power=0.5 whitens: identity covariance on the fit data; a GlobalHead takes it as its FC.
+    w2, b2 = pca_projection(x, 5, power=0.5)
+    y2 = x.float() @ w2.t() + b2
+    torch.testing.assert_close(torch.cov(y2.t().double()), torch.eye(5, dtype=torch.float64), atol=1e-4, rtol=0)
+    head = GlobalHead(12, 5)
+    head.init_pca(x.float(), power=0.5)
+    torch.testing.assert_close(head.fc(x.float()), y2, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="out_dim"):
+        pca_projection(x, 13)
+
+
+def test_pca_projection_beyond_rank_stays_orthonormal():
+    from delg.model.heads import pca_projection
+
+    x = torch.randn(4, 10, generator=torch.Generator().manual_seed(1))  # rank 3 after centring
+    w, b = pca_projection(x, 8)
+    torch.testing.assert_close(w @ w.t(), torch.eye(8), atol=1e-5, rtol=0)
+    w2, _ = pca_projection(x, 8, power=0.5)
+    assert torch.isfinite(w2).all()
+
+
+def test_arcface_imprint_is_class_mean_direction():
+    from delg.model.heads import ArcFace
+
+    arc = ArcFace(4, 3)
+    with torch.no_grad():
+        arc.weight[2] = -1.0  # class 2 gets no sample: a fixed direction, away from the data (not a random one)
+    before = arc.weight.detach().clone()
+    d = torch.tensor([[1.0, 0, 0, 0], [0, 2.0, 0, 0], [0, 0, 0, 5.0], [0, 0, 3.0, 0]])
+    arc.init_from_means(d, torch.tensor([0, 0, 1, 1]))
+    torch.testing.assert_close(arc.weight[0], F.normalize(torch.tensor([1.0, 1.0, 0, 0]), dim=0))
+    torch.testing.assert_close(arc.weight[1], F.normalize(torch.tensor([0, 0, 1.0, 1.0]), dim=0))
+    torch.testing.assert_close(arc.weight[2], before[2])  # a class without samples keeps its weights
+    # Imprinted, the classifier already separates the classes (no margin at test time).
+    assert arc(d).argmax(1).tolist() == [0, 0, 1, 1]

@@ -203,7 +203,45 @@ def test_ddp_two_processes_gloo_supcon(tmp_path: Path):
         raise
     assert proc.returncode == 0, err[-3000:]
     rows = _log(out)
-    assert len(rows) == 1 and float(rows[0]["supcon"]) > 0 and rows[0]["ce"] == ""
+    assert len(rows) == 1 and float(rows[0]["supcon"]) > 0 and float(rows[0]["ce"]) > 0  # CE + SupCon
     assert int(rows[0]["images"]) == 16  # both ranks' images are counted: 16 images, 2 steps of 8
     ck = torch.load(out / "checkpoints" / "last.pth", weights_only=True)
     assert ck["epoch"] == 1 and not any(k.startswith("module.") for k in ck["model_state"])
+
+
+def test_init_global_head_pca_and_imprint(tmp_path: Path):
+    from delg.train.trainer import init_global_head
+
+    root = _write_gld(tmp_path / "gld", n_classes=3, per_class=4, corrupt=1)
+    data = load_landmarks(root / "train_clean.csv", root / "images")
+    ov = _overrides(root, tmp_path / "o", "train.whiten_init=pca", "train.whiten_views=0", "train.whiten_power=0",
+                    "train.arcface_init=imprint")
+    conf = load_config(REPO / "configs" / "train_ce.yaml", ov)
+    model = build_model(conf.model, num_classes=3)
+    init_global_head(model, data, conf, torch.device("cpu"), log=lambda *a: None)
+    w = model.global_head.fc.weight
+    torch.testing.assert_close(w @ w.t(), torch.eye(16), atol=1e-4, rtol=0)  # orthonormal rows (power 0)
+    # The whitened descriptors of the (readable) training images are centred; their class means are the weights.
+    x = torch.stack([torch.from_numpy(np.asarray(Image.open(p), np.float32) / 255).permute(2, 0, 1)
+                     for p in data.paths if p.stat().st_size > 100])
+    x = (x - torch.tensor(model.mean)[:, None, None]) / torch.tensor(model.std)[:, None, None]
+    labels = torch.as_tensor(data.labels)[[p.stat().st_size > 100 for p in data.paths]]
+    with torch.no_grad():
+        g = model.global_head(model.backbone.forward32(model.backbone.forward16(x)), whiten=True)
+    assert g.mean(0).abs().max() < 1e-3 * g.abs().max()
+    for c in range(3):
+        mean_dir = F.normalize(F.normalize(g[labels == c], dim=1).mean(0), dim=0)
+        torch.testing.assert_close(model.arcface.weight[c], mean_dir, atol=1e-4, rtol=0)
+
+
+def test_backbone_lr_mult_groups():
+    from delg.train.trainer import _param_groups
+
+    model = DELG(pretrained=False, whiten_dim=8, local_dim=4, attention_dim=8, num_classes=2)
+    local = {id(p) for p in model.local_head.parameters()}
+    groups = _param_groups(model, 1e-4, local, local_lr_mult=2.0, backbone_lr_mult=0.1)
+    mult = {id(p): g["lr_mult"] for g in groups for p in g["params"]}
+    assert {mult[id(p)] for p in model.backbone.parameters()} == {0.1}
+    assert {mult[id(p)] for p in model.local_head.parameters()} == {2.0}
+    assert mult[id(model.global_head.fc.weight)] == 1.0 and mult[id(model.arcface.weight)] == 1.0
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))

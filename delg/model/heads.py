@@ -37,6 +37,52 @@ class GlobalHead(nn.Module):
         g = self.pool(f32)
         return self.fc(g.to(self.fc.weight.dtype)) if whiten else g
 
+    @torch.no_grad()
+    def init_pca(self, desc: torch.Tensor, power: float = 0.0) -> None:
+        """Set the whitening FC to the centred PCA projection of ``desc`` (N, C32) GeM descriptors
+        (:func:`pca_projection`): training then starts from the off-the-shelf descriptor, centred and reduced to
+        ``out_dim``, instead of a random projection."""
+        w, b = pca_projection(desc, self.fc.out_features, power)
+        self.fc.weight.copy_(w.to(self.fc.weight))
+        self.fc.bias.copy_(b.to(self.fc.bias))
+
+
+@torch.no_grad()
+def pca_projection(desc: torch.Tensor, out_dim: int, power: float = 0.0,
+                   eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """A centred PCA projection learned from descriptors (the "learned whitening" of Radenovic et al., without
+    pairs): ``y = W (x - mean)`` with ``W = diag(lambda^-power) U^T`` (``U`` the principal directions).
+
+    With ``power=0`` the rows of ``W`` are orthonormal, so cosine similarities of centred descriptors are kept
+    up to the dropped (least-variance) directions; ``power=0.5`` is full whitening.  When ``out_dim`` exceeds the
+    rank of the data, the extra rows are an orthonormal basis of the null space (eigenvalue clamped to ``eps``
+    relative to the largest before the power is taken).
+
+    Args:
+        desc: (N, C) descriptors (GeM outputs, not normalised); float.
+        out_dim: D <= C, rows of the projection.
+        power: eigenvalue exponent (0 = rotation/projection only, 0.5 = whitening).
+        eps: relative floor of the eigenvalues (only matters with ``power > 0``).
+
+    Returns:
+        ``weight`` (D, C) and ``bias`` (D,) float32 such that ``weight @ x + bias = W (x - mean)``.
+    """
+    x = desc.double()
+    n, c = x.shape
+    if out_dim > c:
+        raise ValueError(f"pca_projection: out_dim {out_dim} > descriptor size {c}")
+    mean = x.mean(0)
+    xc = x - mean
+    cov = xc.t() @ xc / max(n - 1, 1)
+    evals, evecs = torch.linalg.eigh(cov)  # ascending
+    order = torch.argsort(evals, descending=True, stable=True)
+    evals, evecs = evals[order].clamp(min=0), evecs[:, order]
+    u = evecs[:, :out_dim].t()  # (D, C), orthonormal rows
+    lam = evals[:out_dim].clamp(min=float(evals[0]) * eps + 1e-12)
+    weight = u * lam.pow(-float(power))[:, None] if power else u
+    bias = -(weight @ mean)
+    return weight.float(), bias.float()
+
 
 class ArcFace(nn.Module):
     """Additive angular margin classifier (Deng et al. 2019): logits ``s * cos(theta + m)`` for the target class.
@@ -63,6 +109,17 @@ class ArcFace(nn.Module):
         # Beyond theta = pi - m, cos(theta + m) stops decreasing; use the usual linear extension there.
         with_margin = torch.where(target > math.cos(math.pi - m), with_margin, target - math.sin(math.pi - m) * m)
         return cos.scatter(1, labels[:, None], with_margin) * self.scale
+
+    @torch.no_grad()
+    def init_from_means(self, desc: torch.Tensor, labels: torch.Tensor) -> None:
+        """Imprint the class weights: row ``k`` = mean of the L2-normalised ``desc`` (N, D) of class ``k``
+        (labels (N,) int64); classes without a sample keep their weights.  CE then starts from a sensible
+        classifier and its first gradients refine the descriptor instead of chasing random class centres."""
+        dev = self.weight.device
+        z, labels = F.normalize(desc.float().to(dev), dim=-1), labels.long().to(dev)
+        sums = torch.zeros(self.num_classes, z.shape[1], dtype=z.dtype, device=dev).index_add_(0, labels, z)
+        has = torch.bincount(labels, minlength=self.num_classes) > 0
+        self.weight[has] = F.normalize(sums[has], dim=-1).to(self.weight)
 
 
 class LocalHead(nn.Module):

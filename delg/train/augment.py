@@ -32,5 +32,14 @@ def eval_transform(conf: Mapping[str, Any]) -> T.Compose:
                       T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
+def whole_transform(max_side: int) -> T.Compose:
+    """Deterministic: the whole image, downscaled so its long side is at most ``max_side`` (never upscaled), as
+    retrieval sees it -> (3, H, W) normalised float tensor (the PCA initialisation of the whitening)."""
+    from delg.data.images import resize_max_side
+
+    return T.Compose([T.Lambda(lambda im: resize_max_side(im, max_side)), T.ToTensor(),
+                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
 def to_tensor(im: Image.Image) -> torch.Tensor:
     return T.ToTensor()(im)

@@ -34,9 +34,10 @@ from delg.data.gldv2 import (
     load_landmarks,
     split_train_val,
 )
+from delg.data.images import ImageReadError, load_pil
 from delg.model import DELG, build_model
 from delg.model.checkpoints import load_into_model, read_checkpoint
-from delg.train.augment import eval_transform, train_transform
+from delg.train.augment import eval_transform, train_transform, whole_transform
 from delg.train.losses import DELGLoss
 
 LOG_COLUMNS = ["epoch", "loss", "ce", "supcon", "attention", "reconstruction", "lr", "images", "images_per_s",
@@ -92,16 +93,18 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float, local_ids: set[int] | None = None,
-                  local_lr_mult: float = 1.0) -> list[dict[str, Any]]:
-    """SGD groups: no weight decay on biases, norms and the GeM exponent; ``local_lr_mult`` for the local branch."""
-    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+                  local_lr_mult: float = 1.0, backbone_lr_mult: float = 1.0) -> list[dict[str, Any]]:
+    """SGD groups: no weight decay on biases, norms and the GeM exponent; ``local_lr_mult`` for the local branch,
+    ``backbone_lr_mult`` for parameters whose name starts with ``backbone.`` (each group's ``lr_mult``)."""
+    groups: dict[tuple[bool, float], list[torch.nn.Parameter]] = {}
     for n, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        key = (p.ndim <= 1 or n.endswith(".p"), id(p) in (local_ids or set()))
-        groups.setdefault(key, []).append(p)
-    return [{"params": ps, "weight_decay": 0.0 if no_decay else weight_decay,
-             "lr_mult": local_lr_mult if local else 1.0} for (no_decay, local), ps in groups.items()]
+        mult = local_lr_mult if id(p) in (local_ids or set()) else backbone_lr_mult if n.startswith("backbone.") \
+            else 1.0
+        groups.setdefault((p.ndim <= 1 or n.endswith(".p"), mult), []).append(p)
+    return [{"params": ps, "weight_decay": 0.0 if no_decay else weight_decay, "lr_mult": mult}
+            for (no_decay, mult), ps in groups.items()]
 
 
 def set_train_mode(model: DELG, freeze_bn: bool) -> None:
@@ -151,6 +154,61 @@ def _val_accuracy(model: DELG, data: LandmarkSet, conf: Mapping[str, Any], devic
     return hit / n if n else None
 
 
+@torch.no_grad()
+def init_global_head(model: DELG, data: LandmarkSet, conf: Mapping[str, Any], device: torch.device,
+                     log=print) -> None:
+    """Start the global branch from the off-the-shelf descriptor instead of random projections.
+
+    ``train.whiten_init=pca``: GeM descriptors (C32,) of every training image (the whole image, long side at most
+    ``2 * train.image_size``, plus ``train.whiten_views`` augmented crops of it) give a centred PCA projection, eigenvalues raised to
+    ``-train.whiten_power`` (:meth:`GlobalHead.init_pca`): the learned whitening of Radenovic et al., from the
+    training split only.  ``train.arcface_init=imprint`` then sets each ArcFace class weight to the mean whitened
+    descriptor of the class's (whole) training images.  Both are no-ops when set to ``random``.  One pass over
+    the training images: meant for small training sets (the embedded benchmark), not GLDv2.
+    """
+    t = conf["train"]
+    pca = str(t.get("whiten_init", "random")) == "pca"
+    imprint = str(t.get("arcface_init", "random")) == "imprint" and model.arcface is not None
+    if not (pca or imprint) or len(data) == 0:
+        return
+    t0 = time.time()
+    was_training = model.training
+    model.eval()
+    views = int(t.get("whiten_views", 0) or 0) if pca else 0
+    aug = train_transform(t)
+    whole = whole_transform(2 * int(t.get("image_size", 224)))
+
+    def gem(x: torch.Tensor) -> torch.Tensor:
+        x = x.to(device)
+        return model.global_head(model.backbone.forward32(model.backbone.forward16(x)), whiten=False).float().cpu()
+
+    full, crops, labels = [], [], []
+    with torch.random.fork_rng(devices=[]):  # the crops are reproducible and leave the training RNG alone
+        torch.manual_seed(int(conf.get("seed", 0)))
+        for i in range(len(data)):
+            try:
+                im = load_pil(data.paths[i])
+            except ImageReadError:
+                continue
+            full.append(gem(whole(im)[None])[0])
+            labels.append(int(data.labels[i]))
+            if views:
+                crops.append(gem(torch.stack([aug(im) for _ in range(views)])))
+    if not full:
+        return
+    full_t, labels_t = torch.stack(full), torch.tensor(labels, dtype=torch.int64)
+    if pca:
+        fit = torch.cat([full_t, *crops]) if crops else full_t
+        model.global_head.init_pca(fit.to(device), float(t.get("whiten_power", 0.0)))
+    if imprint:
+        fc = model.global_head.fc
+        model.arcface.init_from_means(fc(full_t.to(fc.weight)).cpu(), labels_t)
+    done = ([f"pca whitening from {len(full_t) * (1 + views)} descriptors"] if pca else []) + \
+        (["arcface imprinted"] if imprint else [])
+    log(f"global head initialised ({', '.join(done)}) in {time.time() - t0:.1f}s")
+    model.train(was_training)
+
+
 # ------------------------------------------------------------------------------------------------ main
 def main(conf: Config) -> Path:
     """Train; returns ``<output_dir>/checkpoints/last.pth``."""
@@ -181,6 +239,7 @@ def main(conf: Config) -> Path:
             "set model.num_classes=null to take it from the data"
         )
     model = build_model(conf.model, num_classes=k)
+    fresh_global = not model.trained_global  # an ImageNet backbone, not a fine-tuned checkpoint
     if model.num_classes != k:
         log(f"classifiers re-initialised for {k} classes (checkpoint had {model.num_classes})")
         model.reset_classifiers(k)
@@ -209,7 +268,8 @@ def main(conf: Config) -> Path:
                                [p for p in trainable if id(p) in recon_ids],
                                [p for p in trainable if id(p) in att_ids]) if g]
     opt = torch.optim.SGD(_param_groups(model, float(t.weight_decay), recon_ids | att_ids,
-                                        float(t.local_lr_mult or 1.0)), lr=float(t.lr), momentum=float(t.momentum),
+                                        float(t.local_lr_mult or 1.0), float(t.get("backbone_lr_mult") or 1.0)),
+                          lr=float(t.lr), momentum=float(t.momentum),
                           nesterov=bool(t.nesterov))
 
     start_epoch = 0
@@ -220,6 +280,10 @@ def main(conf: Config) -> Path:
             opt.load_state_dict(ck["optimizer_state"])
         start_epoch = int(ck.get("epoch") or 0)
         log(f"resuming from {last} (epoch {start_epoch} done)")
+    if start_epoch == 0 and fresh_global:
+        # Every rank computes the same initialisation (same images, same seed), so the replicas agree.
+        init_global_head(model, train_set, conf, device, log)
+        set_train_mode(model, bool(t.freeze_bn))
     if main_proc:
         out.mkdir(parents=True, exist_ok=True)
         dump_config(conf, out / "config.yaml")
