@@ -1,11 +1,14 @@
 """Does fine-tuning help?  Off-the-shelf vs CE vs SupCon DELG global descriptors, revisitop E/M/H mAP.
 
-Single-scale GeM extraction (``DELG.extract``, long side ``--max-side``), queries cropped to their box, exhaustive
-cosine ranking, ``delg.evaluate.evaluate``.  Two benchmarks: the embedded benchmark's test split (synthetic scenes,
-same domain as its training split) and the real photos of ``<shared data>/images`` (``delg.data.folders``).
+Global descriptors as the pipeline extracts them (``delg.extract.extract_multiscale``, global head only): the image
+downscaled to long side ``--max-side`` (default 384, configs/demo.yaml's ``extract.max_size``), one pass per scale
+of ``--scales`` (default 0.7071,1,1.4142, delg/conf/extract.yaml's ``global_scales``), the L2-normalised sum;
+``--scales 1`` is single scale.  Queries cropped to their box, exhaustive cosine ranking, ``delg.evaluate.evaluate``.
+Two benchmarks: the embedded benchmark's test split (synthetic scenes, same domain as its training split, disjoint
+landmarks and photos) and the real photos of ``<shared data>/images`` (``delg.data.folders``).
 
     .venv/bin/python bench/finetune_eval.py                                       # uses logs/train_{ce,supcon}
-    .venv/bin/python bench/finetune_eval.py --ce PATH --supcon PATH --photos ../shared/data/images
+    .venv/bin/python bench/finetune_eval.py --ce PATH --supcon PATH --photos ../shared/data/images --scales 1
 Not a test: it prints a table and writes bench/results/finetune_eval.json.
 """
 
@@ -27,25 +30,26 @@ from delg.config import load_config  # noqa: E402
 from delg.data.dataset import RetrievalDataset, load_dataset  # noqa: E402
 from delg.data.images import load_pil, resize_max_side  # noqa: E402
 from delg.evaluate import evaluate  # noqa: E402
+from delg.extract import ExtractSettings, extract_multiscale  # noqa: E402
 from delg.model import DELG, build_model  # noqa: E402
 
 
 @torch.no_grad()
-def global_descriptors(model: DELG, paths: list[Path], crops: list, max_side: int, desc: str) -> np.ndarray:
-    """(N, D) L2-normalised single-scale global descriptors."""
-    mean = torch.tensor(model.mean)[:, None, None]
-    std = torch.tensor(model.std)[:, None, None]
+def global_descriptors(model: DELG, paths: list[Path], crops: list, settings: ExtractSettings,
+                       desc: str) -> np.ndarray:
+    """(N, D) L2-normalised global descriptors of the images ``paths`` (cropped to ``crops``, None = whole)."""
     out = []
     for p, c in tqdm(list(zip(paths, crops)), desc=desc, leave=False):
-        im = resize_max_side(load_pil(p, c), max_side)
-        x = torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255
-        out.append(model.extract(((x - mean) / std)[None], want_local=False)["global"][0].numpy())
+        im = resize_max_side(load_pil(p, c), settings.max_size)
+        x = torch.from_numpy(np.array(im)).permute(2, 0, 1)  # (3, H, W) uint8
+        out.append(extract_multiscale(model, x, settings)["global"])
     return np.stack(out)
 
 
-def run(model: DELG, ds: RetrievalDataset, max_side: int, name: str) -> dict:
-    db = global_descriptors(model, ds.db_paths, [None] * ds.n_db, max_side, f"{name} db")
-    q = global_descriptors(model, ds.query_paths, ds.query_bbx, max_side, f"{name} q")
+def run(model: DELG, ds: RetrievalDataset, settings: ExtractSettings, name: str) -> dict:
+    """revisitop E/M/H results of ``model`` on ``ds`` (queries ranked against the whole database)."""
+    db = global_descriptors(model, ds.db_paths, [None] * ds.n_db, settings, f"{name} db")
+    q = global_descriptors(model, ds.query_paths, ds.query_bbx, settings, f"{name} q")
     ranks = np.argsort(-(db @ q.T), axis=0, kind="stable")
     return evaluate(ds.gnd, ranks)
 
@@ -56,13 +60,17 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--supcon", default=str(REPO / "logs/train_supcon/checkpoints/last.pth"))
     ap.add_argument("--photos", default=str(REPO.parent / "shared" / "data" / "images"))
     ap.add_argument("--preset", default="default")
-    ap.add_argument("--max-side", type=int, default=512)
+    ap.add_argument("--max-side", type=int, default=384, help="long side of every image (demo: 384)")
+    ap.add_argument("--scales", default="0.7071,1.0,1.4142", help="comma list of global scales (1 = single)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "finetune_eval.json"))
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--only", default=None, help="comma list of models to (re)run, e.g. SupCon; others come "
                     "from an existing --out file")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)  # a shared CPU: more threads than free cores spin and slow down
+    scales = tuple(float(v) for v in a.scales.split(","))
+    settings = ExtractSettings(scales=scales, global_scales=scales, max_size=a.max_side, local=False,
+                               max_keypoints=1, attention_threshold=0.0)
 
     models = {"off-the-shelf": load_config(None, []).model}
     for name, path in (("CE", a.ce), ("SupCon", a.supcon)):
@@ -83,17 +91,18 @@ def main(argv: list[str] | None = None) -> Path:
     for mname, mconf in models.items():
         model = build_model(mconf)
         for bname, ds in benches.items():
-            results.setdefault(bname, {})[mname] = run(model, ds, a.max_side, f"{mname}/{bname}")
+            results.setdefault(bname, {})[mname] = run(model, ds, settings, f"{mname}/{bname}")
     lines = []
     for bname, per_model in results.items():
-        lines.append(f"\n{bname} (mAP %, single scale, long side {a.max_side})")
+        lines.append(f"\n{bname} (mAP %, global scales {a.scales}, long side {a.max_side})")
         lines.append(f"{'model':<15}{'E':>8}{'M':>8}{'H':>8}")
         for mname, r in per_model.items():
             cells = [("n/a" if r.get(p) is None else f"{r[p]['mAP']:.2f}") for p in ("E", "M", "H")]
             lines.append(f"{mname:<15}" + "".join(f"{c:>8}" for c in cells))
     print("\n".join(lines))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"max_side": a.max_side, "results": results}, indent=1, default=float))
+    out.write_text(json.dumps({"max_side": a.max_side, "scales": list(scales), "results": results}, indent=1,
+                              default=float))
     return out
 
 
