@@ -20,9 +20,9 @@ Caching:
   (a, b) is matched once, in the order of the images' paths, and its count also answers (b, a); an image paired
   with itself (same file, no crop) is not matched and scores :data:`IDENTICAL_INLIERS`.
 * Inliers: one SQLite file per verifier + RANSAC setting, ``<output_dir>/matches/inliers-<tag>.sqlite``, keyed by
-  (query key incl. crop, database key), or for an unordered pair by ``('pair:' + first path, second path)``. Each pair is committed as soon as it is scored, so a killed run loses at most
-  the pair in progress, a rerun skips what is done, and another protocol (or ``top_k`` <= the cached one) reuses the
-  counts without matching anything. (With ``match_many`` a kill loses at most the batch in progress.)
+  (query key incl. crop, database key), or for an unordered pair by ``('pair:' + first path, second path)``. Each
+  pair is committed as soon as it is scored, so a killed run loses at most the pair in progress, a rerun skips what
+  is done, and another protocol (or ``top_k`` <= the cached one) reuses the counts without matching anything. (With ``match_many`` a kill loses at most the batch in progress.)
 
 Failures: an image that cannot be read scores 0 with every partner (counted, listed in the log, not cached so a
 fixed file is retried). A CUDA OOM pair is retried at smaller sizes (``rerank.oom_retry_factors``), logged.
