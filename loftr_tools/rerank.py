@@ -13,9 +13,10 @@ hard -> junk+easy) from the global ranking *before* taking the top K. That gives
 Caching:
 
 * Features: each image is prepared once while it stays in an in-memory LRU cache of ``rerank.feature_cache_mb``
-  (sized with ``Verifier.feature_nbytes``). Pairs run query-major and queries are ordered greedily so that
-  consecutive queries share database images, which are then still cached. A verifier with
-  ``match_many(f0, f1s)`` (LoFTR) gets up to ``<section>.batch_size`` pairs of one query at a time.
+  (sized with ``Verifier.feature_nbytes``). Pairs run grouped by their first image (the query; for an unordered
+  pair, below, the image whose path sorts first) and groups are ordered greedily so that consecutive groups share
+  images, which are then still cached. A verifier with ``match_many(f0, f1s)`` (LoFTR) gets up to
+  ``<section>.batch_size`` pairs of one group at a time.
 * Pairs of two whole images (no crop: folder datasets, where every query is also a database image) are unordered:
   (a, b) is matched once, in the order of the images' paths, and its count also answers (b, a); an image paired
   with itself (same file, no crop) is not matched and scores :data:`IDENTICAL_INLIERS`.
