@@ -280,8 +280,9 @@ def main(conf: Config) -> Path:
             opt.load_state_dict(ck["optimizer_state"])
         start_epoch = int(ck.get("epoch") or 0)
         log(f"resuming from {last} (epoch {start_epoch} done)")
-    if start_epoch == 0 and fresh_global:
-        # Every rank computes the same initialisation (same images, same seed), so the replicas agree.
+    if start_epoch == 0 and fresh_global and main_proc:
+        # Rank 0 only: wrapping the model in DistributedDataParallel below broadcasts rank 0's parameters and
+        # buffers, so the other ranks would read every training image for nothing.
         init_global_head(model, train_set, conf, device, log)
         set_train_mode(model, bool(t.freeze_bn))
     if main_proc:
