@@ -2,7 +2,10 @@
 # Global search, reranking with each configured verifier, evaluation and report in one go.
 #   bash perform_retrieval.sh [--config configs/demo.yaml] [key=value ...]
 #   bash perform_retrieval.sh query=path/to/photo.jpg        # search with a new photo
+# Relative paths (query=, output_dir=, dataset.root=) are read from the folder you run it in.
 set -euo pipefail
-cd "$(dirname "$0")"
-PY=python3; [[ -x .venv/bin/python ]] && PY=.venv/bin/python
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PY="$REPO/.venv/bin/python"
+[ -x "$PY" ] || PY="$(command -v python3)"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 exec "$PY" -m delg.retrieve "$@"

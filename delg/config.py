@@ -21,11 +21,13 @@ from typing import Any
 
 import yaml
 
+from delg.errors import ProjectError
+
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-class ConfigError(ValueError):
+class ConfigError(ProjectError, ValueError):
     """A config file or override is invalid; the message names the key (and file) at fault."""
 
 
@@ -216,18 +218,17 @@ def run_stage(
     main: Callable[[Config], Any],
     argv: list[str],
     doc: str | None = None,
-    errors: tuple[type[BaseException], ...] = (),
     default_config: str | None = None,
 ) -> int:
     """The thin CLI of every stage: ``[--config FILE] [key=value ...]``, ``-h`` prints ``doc``, and expected
-    failures (``ConfigError``, ``FileNotFoundError`` and ``errors``) are one line on stderr with exit code 2."""
+    failures (any :class:`~delg.errors.ProjectError`, ``FileNotFoundError``) are one line on stderr, exit code 2."""
     try:
         path, overrides = split_cli(argv)
         if "-h" in overrides or "--help" in overrides:
             print(doc or "")
             return 0
         out = main(load_config(path or default_config, overrides))
-    except (ConfigError, FileNotFoundError, *errors) as e:
+    except (ProjectError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if out is not None:

@@ -49,6 +49,8 @@ from urllib.request import Request, urlopen
 
 from tqdm import tqdm
 
+from delg.errors import ProjectError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # --- official locations (cvdfoundation/google-landmark README, filipradenovic/revisitop python/download.py) ---
@@ -89,15 +91,15 @@ _GLDV2_ID = re.compile(r"[0-9A-Za-z]{3,64}")
 _MD5 = re.compile(r"\b([0-9a-fA-F]{32})\b")
 
 
-class DownloadError(RuntimeError):
+class DownloadError(ProjectError, RuntimeError):
     """A file could not be fetched or verified; the message names the URL (or file) and the reason."""
 
 
-class BadArchiveError(RuntimeError):
+class BadArchiveError(ProjectError, RuntimeError):
     """An archive is damaged, truncated or unsafe (a member escapes the target folder); names the file."""
 
 
-class DatasetFormatError(ValueError):
+class DatasetFormatError(ProjectError, ValueError):
     """A downloaded metadata file is malformed; the message names the file, the line and the field."""
 
 

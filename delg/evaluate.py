@@ -29,12 +29,13 @@ from typing import Any
 import numpy as np
 
 from delg.data.revisitop import GroundTruth, read_gnd
+from delg.errors import ProjectError
 
 KAPPAS: tuple[int, ...] = (1, 5, 10)
 PROTOCOLS: tuple[str, ...] = ("E", "M", "H")
 
 
-class RankingError(ValueError):
+class RankingError(ProjectError, ValueError):
     """A ranking array does not fit the ground truth; the message says which property is wrong."""
 
 

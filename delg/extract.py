@@ -39,12 +39,13 @@ from tqdm import tqdm
 
 from delg.config import Config, ConfigError, dump_config, run_stage
 from delg.data.images import ImageReadError, load_pil, resize_max_side
+from delg.errors import ProjectError
 from delg.store import FeatureStore, StoreError
 
 SCALE_TOL = 1e-6
 
 
-class ExtractError(ValueError):
+class ExtractError(ProjectError, ValueError):
     """An extraction setting is invalid; the message names the key."""
 
 
@@ -623,4 +624,4 @@ def stores_complete(conf: Config, dataset: Any, split: str) -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(run_stage(main, sys.argv[1:], __doc__, (ExtractError, StoreError)))
+    sys.exit(run_stage(main, sys.argv[1:], __doc__))

@@ -6,7 +6,7 @@ Outputs (``main``), under ``<output_dir>/ranks/``:
                             ``-inf`` where a row had to be filled with images that have no features (unreadable)
     ``global.meta.json``    what produced them (index kind, sizes, key); lets a rerun skip the search
 
-``depth = min(search.depth, n_db)``.  The index is saved beside the features as
+``depth = min(ranks.depth, n_db)``.  The index is saved beside the features as
 ``<preset>-db.<kind>-<key>.faiss``, ``key`` hashing the database store (image names in dataset order, file size),
 the index settings and DBA; it is rebuilt whenever one of them changes.  Database vectors are read and added in
 chunks of ``search.chunk`` and queries searched in chunks of ``search.query_chunk``, so no (n_db, n_queries)
@@ -32,19 +32,19 @@ import numpy as np
 from tqdm import tqdm
 
 from delg.config import Config, dump_config, run_stage
+from delg.errors import ProjectError
 from delg.extract import (
-    ExtractError,
     preset_name,
     store_path,
     stores_complete,
 )
-from delg.store import FeatureStore, StoreError
+from delg.store import FeatureStore
 
 INDEX_KINDS = ("flat", "ivfpq")
 MISSING_SCORE = np.float32(-np.inf)
 
 
-class SearchError(ValueError):
+class SearchError(ProjectError, ValueError):
     """A search setting or input is invalid; the message names the key or file."""
 
 
@@ -336,9 +336,9 @@ def query_vectors(conf: Config, dataset: Any) -> np.ndarray:
 def rank(db: DatabaseIndex, queries: np.ndarray, conf: Config) -> tuple[np.ndarray, np.ndarray]:
     """Search (with optional alpha-QE); returns ``ranks`` (depth, Q) int64 and ``scores`` (depth, Q) float32."""
     sc = conf.search
-    depth, chunk = int(sc.depth), int(sc.query_chunk)
+    depth, chunk = int(conf.ranks.depth), int(sc.query_chunk)
     if depth < 1:
-        raise SearchError(f"search.depth: need a positive depth, got {depth}")
+        raise SearchError(f"ranks.depth: need a positive depth, got {depth}")
     qe_k = int(sc.qe_k or 0)
     if qe_k > 0:
         ivf = _ivf(db.cpu_index)
@@ -397,7 +397,7 @@ def main(conf: Config, dataset: Any = None) -> Path:
         "n_db": db.n_db,
         "n_db_with_features": len(db.present),
         "n_queries": len(dataset.query_names),
-        "depth": min(int(sc.depth), db.n_db),
+        "depth": min(int(conf.ranks.depth), db.n_db),
         "nprobe": int(sc.nprobe) if sc.index == "ivfpq" else None,
         "qe_k": int(sc.qe_k or 0),
         "dba_k": int(sc.dba_k or 0),
@@ -426,7 +426,7 @@ def search_one(descriptor: np.ndarray, conf: Config, dataset: Any = None) -> tup
         descriptor: (D,) L2-normalised global descriptor (``delg.extract.extract_one(...)['global']``).
 
     Returns:
-        ``indices`` (k,) int64 database indices and ``scores`` (k,) float32, ``k = min(search.depth, n_db)``.
+        ``indices`` (k,) int64 database indices and ``scores`` (k,) float32, ``k = min(ranks.depth, n_db)``.
     """
     if dataset is None:
         from delg.data.dataset import load_dataset
@@ -457,4 +457,4 @@ __all__ = [
 ]
 
 if __name__ == "__main__":
-    sys.exit(run_stage(main, sys.argv[1:], __doc__, (ExtractError, SearchError, StoreError)))
+    sys.exit(run_stage(main, sys.argv[1:], __doc__))

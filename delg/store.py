@@ -38,6 +38,8 @@ from urllib.parse import quote, unquote
 import h5py
 import numpy as np
 
+from delg.errors import ProjectError
+
 FORMAT = "delg-feature-store/1"
 SCRATCH = "__incomplete__"
 LOCAL_KEYS = ("keypoints", "descriptors", "scores")
@@ -45,7 +47,7 @@ LOCAL_KEYS = ("keypoints", "descriptors", "scores")
 VALIDATE_LAST = 16
 
 
-class StoreError(RuntimeError):
+class StoreError(ProjectError, RuntimeError):
     """A feature store cannot be used as asked; the message names the file."""
 
 

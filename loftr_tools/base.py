@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from delg.errors import ProjectError
+
 BBox = tuple[float, float, float, float]
 # Score of an image paired with itself (same file, no crop; folder datasets, where queries are database images too):
 # above any real inlier count, so an exact duplicate of the query ranks first; never matched (it would only cost time).
@@ -32,7 +34,7 @@ class ImageRef:
     crop: BBox | None = None
 
 
-class VerifierUnavailable(RuntimeError):
+class VerifierUnavailable(ProjectError, RuntimeError):
     """The verifier cannot run here (missing weights, untrained head); the message says what to do."""
 
 

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from delg.config import REPO_ROOT
+from delg.errors import ProjectError
 from loftr_tools.base import ImageRef, Verifier, VerifierUnavailable
 from loftr_tools.resize import load_resized
 
@@ -51,7 +52,7 @@ DEFAULT_WEIGHTS = "loftr_tools/weights/outdoor_ds.ckpt"
 _MAX_BATCH_SIM_BYTES = 768 * 2**20
 
 
-class LoFTRCheckpointError(ValueError):
+class LoFTRCheckpointError(ProjectError, ValueError):
     """A LoFTR checkpoint cannot be used (unreadable, wrong layout, sinkhorn, missing/unexpected keys)."""
 
 

@@ -665,11 +665,7 @@ def main(conf: Any, method: str | None = None, dataset: Any = None) -> Path:
 
 
 if __name__ == "__main__":
-    from delg.config import load_config, split_cli
+    from delg.config import run_stage
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    path, overrides = split_cli(sys.argv[1:])
-    if "-h" in overrides or "--help" in overrides:
-        print(__doc__)
-        sys.exit(0)
-    main(load_config(path, overrides))
+    sys.exit(run_stage(main, sys.argv[1:], __doc__))

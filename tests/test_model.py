@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import copy
 from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -159,12 +161,31 @@ class _Legacy:  # an arbitrary pickled object, as old checkpoints hold (pickled 
     pass
 
 
-def test_untrusted_pickle_refused_unless_trusted(tmp_path):
+def test_pickled_objects_refused_numpy_scalars_allowed(tmp_path):
     m = DELG("efficientnet_lite0", pretrained=False, trained_global=True)
     p = m.save(tmp_path / "ck.pth", extra={"cfg_obj": _Legacy()})
-    with pytest.raises(CheckpointError, match="_Legacy.*checkpoint_trust=true"):
+    with pytest.raises(CheckpointError, match=r"ck\.pth: .*_Legacy.*refused"):
         build_model(_conf(checkpoint=str(p)))
-    assert build_model(_conf(checkpoint=str(p), checkpoint_trust=True)).meta["trained_global"]
+    # numpy scalars (metrics saved by older training scripts) are data, not code: allowed
+    p = m.save(tmp_path / "np.pth", extra={"best_map": np.float64(0.5), "dtype": np.dtype("float32")})
+    assert build_model(_conf(checkpoint=str(p))).meta["trained_global"]
+
+
+def test_every_torch_load_is_weights_only():
+    """The rule for untrusted files: no ``torch.load`` anywhere in the project without ``weights_only=True``."""
+    root = Path(__file__).resolve().parents[1]
+    offenders = []
+    for f in sorted(root.glob("**/*.py")):
+        if any(part.startswith(".") or part in ("outputs", "build") for part in f.relative_to(root).parts):
+            continue
+        for call in ast.walk(ast.parse(f.read_text(), str(f))):
+            if not (isinstance(call, ast.Call) and ast.unparse(call.func) == "torch.load"):
+                continue
+            kw = {k.arg: k.value for k in call.keywords}
+            flag = kw.get("weights_only")
+            if not (isinstance(flag, ast.Constant) and flag.value is True):
+                offenders.append(f"{f.relative_to(root)}:{call.lineno}")
+    assert not offenders, f"torch.load without weights_only=True: {offenders}"
 
 
 # ------------------------------------------------------------------------------------------ pycls import

@@ -59,7 +59,7 @@ def numpy_ranks(X: np.ndarray, Q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_exact_matches_numpy_and_depth(tmp_path):
-    conf, ds, X, Q = make_case(tmp_path, 300, 7, 32, 0, (), "search.depth=50")
+    conf, ds, X, Q = make_case(tmp_path, 300, 7, 32, 0, (), "ranks.depth=50")
     path = main(conf, ds)
     assert path == tmp_path / "ranks" / "global.npy"
     ranks, scores = np.load(path), np.load(tmp_path / "ranks" / "global_scores.npy")
@@ -68,7 +68,7 @@ def test_exact_matches_numpy_and_depth(tmp_path):
     np.testing.assert_array_equal(ranks, ref[:50])
     np.testing.assert_allclose(scores, ref_s[:50], atol=1e-5)
     # depth beyond n_db: every database image once per column
-    conf2, ds2, X2, Q2 = make_case(tmp_path / "b", 40, 3, 16, 1, (), "search.depth=1000")
+    conf2, ds2, X2, Q2 = make_case(tmp_path / "b", 40, 3, 16, 1, (), "ranks.depth=1000")
     r2 = np.load(main(conf2, ds2))
     assert r2.shape == (40, 3)
     np.testing.assert_array_equal(np.sort(r2, axis=0), np.arange(40)[:, None].repeat(3, 1))
@@ -77,16 +77,16 @@ def test_exact_matches_numpy_and_depth(tmp_path):
 
 def test_chunking_does_not_change_results(tmp_path):
     conf, ds, X, Q = make_case(tmp_path / "a", 257, 9, 32, 2, (), "search.chunk=16", "search.query_chunk=2",
-                               "search.depth=30")
+                               "ranks.depth=30")
     r_small = np.load(main(conf, ds))
-    conf2, ds2, _, _ = make_case(tmp_path / "b", 257, 9, 32, 2, (), "search.depth=30")
+    conf2, ds2, _, _ = make_case(tmp_path / "b", 257, 9, 32, 2, (), "ranks.depth=30")
     r_big = np.load(main(conf2, ds2))
     np.testing.assert_array_equal(r_small, r_big)
     np.testing.assert_array_equal(r_small, numpy_ranks(X, Q)[0][:30])
 
 
 def test_missing_db_images_rank_last(tmp_path):
-    conf, ds, X, Q = make_case(tmp_path, 30, 2, 16, 3, (4, 17), "search.depth=100")
+    conf, ds, X, Q = make_case(tmp_path, 30, 2, 16, 3, (4, 17), "ranks.depth=100")
     ranks = np.load(main(conf, ds))
     scores = np.load(tmp_path / "ranks" / "global_scores.npy")
     assert ranks.shape == (30, 2)
@@ -98,7 +98,7 @@ def test_missing_db_images_rank_last(tmp_path):
 
 
 def test_index_saved_reused_and_invalidated(tmp_path):
-    conf, ds, X, Q = make_case(tmp_path, 100, 3, 16, 4, (), "search.depth=10")
+    conf, ds, X, Q = make_case(tmp_path, 100, 3, 16, 4, (), "ranks.depth=10")
     main(conf, ds)
     feats = store_path(conf, "synth", "db").parent
     idx = sorted(feats.glob("*.faiss"))
@@ -124,7 +124,7 @@ def test_index_saved_reused_and_invalidated(tmp_path):
 
 def test_alpha_qe_and_dba_against_numpy(tmp_path):
     conf, ds, X, Q = make_case(tmp_path / "qe", 200, 5, 32, 5, (), "search.qe_k=3", "search.alpha=3.0",
-                               "search.depth=20")
+                               "ranks.depth=20")
     ranks = np.load(main(conf, ds))
     order, s = numpy_ranks(X, Q)
     w = np.maximum(s[:3], 0) ** 3  # (3, nq)
@@ -138,7 +138,7 @@ def test_alpha_qe_and_dba_against_numpy(tmp_path):
                                atol=1e-6)
 
     conf, ds, X, Q = make_case(tmp_path / "dba", 200, 5, 32, 6, (), "search.dba_k=4", "search.alpha=2.0",
-                               "search.depth=20")
+                               "ranks.depth=20")
     ranks = np.load(main(conf, ds))
     S = X @ X.T
     nn = np.argsort(-S, axis=1, kind="stable")[:, :4]
@@ -153,7 +153,7 @@ def test_alpha_qe_and_dba_against_numpy(tmp_path):
 def test_ivfpq_recall_and_search_one(tmp_path):
     conf, ds, X, Q = make_case(tmp_path, 2000, 20, 32, 7, (), "search.index=ivfpq", "search.m=8", "search.nbits=6",
                                "search.nlist=16",
-                               "search.nprobe=16", "search.depth=10")
+                               "search.nprobe=16", "ranks.depth=10")
     ranks = np.load(main(conf, ds))
     exact = numpy_ranks(X, Q)[0][:10]
     recall = np.mean([len(set(ranks[:, j]) & set(exact[:, j])) / 10 for j in range(Q.shape[0])])
@@ -177,7 +177,7 @@ def test_bad_settings(tmp_path):
 def test_missing_stores_trigger_extraction(tmp_path, monkeypatch):
     import delg.extract as E
 
-    conf, ds, X, Q = make_case(tmp_path, 50, 2, 16, 9, (), "search.depth=5")
+    conf, ds, X, Q = make_case(tmp_path, 50, 2, 16, 9, (), "ranks.depth=5")
     qpath = store_path(conf, "synth", "query")
     qpath.unlink()
     calls = []

@@ -25,9 +25,10 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from delg.data.images import ImageReadError, load_pil
+from delg.errors import ProjectError
 
 
-class GLDv2Error(ValueError):
+class GLDv2Error(ProjectError, ValueError):
     """A label file is malformed; the message names the file, the line and the field."""
 
 

@@ -12,13 +12,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from delg.errors import ProjectError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 # Large photos are legitimate here (the 1M distractors include some); keep PIL's bomb check but raise the limit.
 Image.MAX_IMAGE_PIXELS = 20000 * 20000
 
 
-class ImageReadError(RuntimeError):
+class ImageReadError(ProjectError, RuntimeError):
     """An image could not be read or decoded; the message names the file."""
 
 

@@ -83,6 +83,8 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from delg.errors import ProjectError
+
 VERSION = 1
 GND_NAME = "gnd_minibench.pkl"
 JPEG_QUALITY = 90
@@ -97,7 +99,7 @@ EASY_ROT = 25.0  # ... little in-plane rotation (degrees) ...
 # ... and a mild photometric change (photo_level == 0).
 
 
-class MinibenchError(RuntimeError):
+class MinibenchError(ProjectError, RuntimeError):
     """The embedded benchmark cannot be built or the target folder is not ours; the message names the path."""
 
 

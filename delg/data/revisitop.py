@@ -27,8 +27,10 @@ from typing import Any
 
 import numpy as np
 
+from delg.errors import ProjectError
 
-class GroundTruthError(ValueError):
+
+class GroundTruthError(ProjectError, ValueError):
     """A ground-truth file is missing, unsafe or malformed; the message names the file and the field."""
 
 

@@ -18,11 +18,12 @@ import torch
 from torch import nn
 
 from delg.config import REPO_ROOT
+from delg.errors import ProjectError
 
 SUPPORTED_BACKBONES = ("resnet50", "resnet101", "efficientnet_lite0")
 
 
-class ModelError(ValueError):
+class ModelError(ProjectError, ValueError):
     """A model setting, weight file or checkpoint is invalid; the message names the file or key at fault."""
 
 

@@ -12,8 +12,10 @@ pycls / PyTorch DELG (e.g. ``r50_delg_s512.pyth``)::
                      'localmodel.conv1.*', 'localmodel.bn.*', 'localmodel.conv2.*', 'att_cls.fc.*'},
      'epoch', 'optimizer_state', 'cfg'}
 
-Files are read with ``torch.load(weights_only=True)``; a legacy file that pickles other objects needs
-``model.checkpoint_trust=true`` (only for files you trust: unpickling runs code).
+Files are always read with ``torch.load(weights_only=True)``: a checkpoint is untrusted input, and a full unpickle
+runs whatever code the file names.  Besides tensors and plain containers, numpy scalars and dtypes are allowed
+(older training scripts save ``np.float64`` metrics); any other pickled object is refused with a message that
+names it.
 """
 
 from __future__ import annotations
@@ -40,18 +42,32 @@ class CheckpointError(ModelError):
     """A checkpoint cannot be read or does not fit the model; the message names the file and the keys."""
 
 
-def read_checkpoint(path: str | Path, trust: bool = False) -> dict[str, Any]:
-    """``torch.load`` on CPU, ``weights_only=True`` unless ``trust`` (then any pickle, for trusted legacy files)."""
+def _numpy_safe_globals() -> list[Any]:
+    """numpy scalar reconstruction and dtype classes: data only, no code paths (what legacy checkpoints hold)."""
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import scalar  # type: ignore[no-redef]
+    dtypes = [type(np.dtype(t)) for t in ("f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "bool")]
+    return [scalar, np.dtype, *dtypes]
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """``torch.load(weights_only=True)`` on CPU; a file that pickles other objects is refused, naming them."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"model.checkpoint: file not found: {path}")
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=not trust)
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            ck = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = sorted(set(re.findall(r"(?:GLOBAL|global) ([\w.]+)", str(e)))) or ["(unknown objects)"]
         raise CheckpointError(
-            f"{path}: holds pickled objects besides tensors ({', '.join(found)}); if you trust this file, "
-            "load it with model.checkpoint_trust=true"
+            f"{path}: holds pickled objects besides tensors ({', '.join(found)}), refused because unpickling them "
+            "would run code; re-save the tensors alone, e.g. torch.save({'model_state': ck['model_state']}, ...) "
+            "in a session where you trust the file"
         ) from None
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({str(e).splitlines()[0]})") from None
@@ -64,9 +80,9 @@ def is_pycls_state(state: Mapping[str, Any]) -> bool:
     return any(k.startswith("globalmodel.") for k in state)
 
 
-def read_model_checkpoint(path: str | Path, trust: bool = False) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def read_model_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """``(meta, state_dict in our names)`` of one of our checkpoints or of a pycls DELG checkpoint."""
-    ck = read_checkpoint(path, trust)
+    ck = read_checkpoint(path)
     if "format_version" in ck:
         if ck["format_version"] != FORMAT_VERSION:
             raise CheckpointError(f"{path}: format_version {ck['format_version']} is not supported ({FORMAT_VERSION})")

@@ -213,7 +213,7 @@ def build_model(conf: Mapping[str, Any], num_classes: int | None = None) -> DELG
     ckpt = _get(conf, "checkpoint", None)
     n_cls = num_classes or _get(conf, "num_classes", None)
     if ckpt:
-        meta, state = read_model_checkpoint(ckpt, trust=bool(_get(conf, "checkpoint_trust", False)))
+        meta, state = read_model_checkpoint(ckpt)
         if meta["backbone"] != backbone:
             raise ModelError(
                 f"{ckpt}: checkpoint backbone is {meta['backbone']} but model.backbone={backbone}; "

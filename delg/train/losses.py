@@ -13,10 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from delg.errors import ProjectError
+
 GLOBAL_LOSSES = ("ce", "supcon", "ce+supcon")
 
 
-class LossConfigError(ValueError):
+class LossConfigError(ProjectError, ValueError):
     """An unknown loss name or a bad weight; the message names the key."""
 
 

@@ -35,6 +35,7 @@ from delg.data.gldv2 import (
     split_train_val,
 )
 from delg.data.images import ImageReadError, load_pil
+from delg.errors import ProjectError
 from delg.model import DELG, build_model
 from delg.model.checkpoints import load_into_model, read_checkpoint
 from delg.train.augment import eval_transform, train_transform, whole_transform
@@ -44,7 +45,7 @@ LOG_COLUMNS = ["epoch", "loss", "ce", "supcon", "attention", "reconstruction", "
                "val_acc", "skipped_images", "seconds"]
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(ProjectError, ValueError):
     """A training setting does not fit the data (class count, paths); the message names the key."""
 
 
