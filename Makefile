@@ -28,3 +28,10 @@ lint: setup
 
 clean-outputs:
 	rm -rf outputs
+
+# kornia + kornia_rs wheels (the versions of .venv) for a machine with its own Python 3.12 and torch, no kornia
+# and no network: carry .gpu_wheels/ (about 7 MB) and scripts/gpu_check.sh installs them there for its run.
+.PHONY: gpu-wheels
+gpu-wheels:
+	rm -rf .gpu_wheels
+	$(PY) -m pip download --only-binary=:all: --no-deps --python-version 3.12 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d .gpu_wheels kornia==0.9.0 kornia_rs==0.2.0

@@ -7,6 +7,8 @@ Measured on the same queries (peak RSS ~ the data + one chunk: the index is allo
     numpy    S = X @ Q.T, np.argsort(-S, axis=0)      (what revisitop's example code does)
     flat     delg.search exact inner product (IndexFlatIP), top-k
     ivfpq    IndexIVFPQ (nlist, m, nbits, nprobe) at the largest size: recall@k vs exact, speed-up vs flat/numpy
+    +refine  the same IVF-PQ inside delg.search's IndexRefine (search.refine): refine*k candidates re-scored with an
+             8-bit copy of every vector; one build serves both rows
 Top-k of flat and numpy must agree (ties within 1e-5 may swap), else the script fails.  Peak memory is the
 process's maximum RSS.
 
@@ -92,23 +94,32 @@ def bench_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
     }
     if n == max(args.n) and args.ivfpq:
         nlist = args.nlist or max(1, min(int(4 * np.sqrt(n)), n // 39))
-        ivf = new_index(d, "ivfpq", n, nlist, args.m, args.nbits)
+        refined = new_index(d, "ivfpq", n, nlist, args.m, args.nbits, refine=args.refine)
+        ivf = faiss.downcast_index(refined.base_index)  # the plain IVF-PQ inside
         ntrain = min(n, args.train)
         t0 = time.perf_counter()
         sample = np.sort(rng.choice(n, ntrain, replace=False))
-        ivf.train(np.ascontiguousarray(X[sample]))
+        refined.train(np.ascontiguousarray(X[sample]))
         for s in range(0, n, 100_000):
-            ivf.add(X[s : s + 100_000])
+            refined.add(X[s : s + 100_000])  # adds to the IVF-PQ and to the 8-bit copy
         build_s = time.perf_counter() - t0
         faiss.extract_index_ivf(ivf).nprobe = args.nprobe
+
+        def recall_of(r):
+            return float(np.mean([len(set(r[:, j]) & set(r_np[:, j])) / k for j in range(nq)]))
+
         t_ivf, (_, r_ivf) = timed(lambda: search_chunked(ivf, Q, k, args.query_chunk), args.repeat)
-        r_ivf = r_ivf.T
-        recall = float(np.mean([len(set(r_ivf[:, j]) & set(r_np[:, j])) / k for j in range(nq)]))
+        t_ref, (_, r_ref) = timed(lambda: search_chunked(refined, Q, k, args.query_chunk), args.repeat)
+        pq_mb = ivf.ntotal * (args.m * args.nbits / 8 + 8) / 2**20
         row.update({
-            "ivfpq": {"nlist": nlist, "m": args.m, "nbits": args.nbits, "nprobe": args.nprobe, "train": ntrain},
-            "ivfpq_build_s": build_s, "ivfpq_s": t_ivf, f"ivfpq_recall@{k}": recall,
+            "ivfpq": {"nlist": nlist, "m": args.m, "nbits": args.nbits, "nprobe": args.nprobe, "train": ntrain,
+                      "refine": args.refine},
+            "ivfpq_build_s": build_s, "ivfpq_s": t_ivf, f"ivfpq_recall@{k}": recall_of(r_ivf.T),
             "ivfpq_speedup_vs_flat": t_flat / t_ivf, "ivfpq_speedup_vs_numpy": t_np / t_ivf,
-            "ivfpq_index_mb": ivf.ntotal * (args.m * args.nbits / 8 + 8) / 2**20,
+            "ivfpq_index_mb": pq_mb,
+            "refine_s": t_ref, f"refine_recall@{k}": recall_of(r_ref.T),
+            "refine_speedup_vs_flat": t_flat / t_ref, "refine_speedup_vs_numpy": t_np / t_ref,
+            "refine_index_mb": pq_mb + ivf.ntotal * d / 2**20,
         })
     row["peak_rss_mb"] = rss_mb()
     return row  # the index (and the view X of it) is freed here
@@ -131,6 +142,7 @@ def main() -> None:
     ap.add_argument("--m", type=int, default=64)
     ap.add_argument("--nbits", type=int, default=8)
     ap.add_argument("--nprobe", type=int, default=32)
+    ap.add_argument("--refine", type=float, default=4, help="search.refine: candidates re-scored per result (> 1)")
     ap.add_argument("--train", type=int, default=65536)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
@@ -142,10 +154,12 @@ def main() -> None:
               f"{r['topk_identical_fraction']:>10.4f} {r['peak_rss_mb']:>8.0f}")
     for r in rows:
         if "ivfpq_s" in r:
-            print(f"IVF-PQ at n={r['n']} ({r['ivfpq']}): {r['ivfpq_s']:.3f} s, recall@{args.k} "
-                  f"{r[f'ivfpq_recall@{args.k}']:.3f}, {r['ivfpq_speedup_vs_flat']:.1f}x flat, "
-                  f"{r['ivfpq_speedup_vs_numpy']:.1f}x numpy, build {r['ivfpq_build_s']:.0f} s, "
-                  f"index {r['ivfpq_index_mb']:.0f} MB")
+            print(f"at n={r['n']}, {r['ivfpq']} (built in {r['ivfpq_build_s']:.0f} s):")
+            print(f"{'index':>14} {'search s':>9} {f'recall@{args.k}':>10} {'x flat':>7} {'x numpy':>8} {'index MB':>9}")
+            for name, key in (("IVF-PQ", "ivfpq"), (f"+refine x{args.refine:g}", "refine")):
+                print(f"{name:>14} {r[f'{key}_s']:>9.3f} {r[f'{key}_recall@{args.k}']:>10.3f} "
+                      f"{r[f'{key}_speedup_vs_flat']:>7.1f} {r[f'{key}_speedup_vs_numpy']:>8.1f} "
+                      f"{r[f'{key}_index_mb']:>9.0f}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "json"}, "sizes": rows},

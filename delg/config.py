@@ -83,8 +83,14 @@ def _all_keys(d: Mapping[str, Any], prefix: str = "") -> list[str]:
 
 
 def _unknown(key: str, schema: Mapping[str, Any], source: str) -> ConfigError:
-    near = difflib.get_close_matches(key, _all_keys(schema), n=1, cutoff=0.5)
-    hint = f" (did you mean '{near[0]}'?)" if near else ""
+    """The error for ``key``, naming the nearest valid key: a close spelling when there is one, else the key whose
+    last part is most alike (``zzzz`` still gets a suggestion and the place to look up the rest)."""
+    keys = _all_keys(schema)
+    near = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    if not near:  # nothing close as a whole: compare the last part only, always yielding a candidate
+        last = key.rsplit(".", 1)[-1]
+        near = [max(keys, key=lambda k: difflib.SequenceMatcher(None, last, k.rsplit(".", 1)[-1]).ratio())] if keys else []
+    hint = f" (nearest valid key: '{near[0]}'; all keys and their meaning: delg/conf/*.yaml)" if near else ""
     return ConfigError(f"{source}: unknown config key '{key}'{hint}")
 
 

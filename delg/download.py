@@ -502,6 +502,7 @@ def download_gldv2(
     jobs: int = 6,
     fetcher: Fetcher | None = None,
     keep_tars: bool = False,
+    overwrite: bool = False,
 ) -> RunReport:
     """Download, verify (md5) and extract GLDv2 tars and the metadata CSVs of the requested splits.
 
@@ -513,6 +514,7 @@ def download_gldv2(
         jobs: parallel downloads.
         fetcher: HTTP settings (retries, timeout, backoff, progress).
         keep_tars: keep each tar after extraction (default: delete it; its ``.extracted`` marker remains).
+        overwrite: fetch the metadata again and extract every tar again (a kept tar is md5-checked, not refetched).
 
     Returns:
         The run report (also written to ``out/download_report.json``); ``report.exit_code`` is 1 on failures.
@@ -529,8 +531,9 @@ def download_gldv2(
     def metadata_job(rel: str) -> Callable[[], bool]:
         def run() -> bool:
             dest = out / PurePosixPath(rel).name
-            if dest.is_file():
+            if dest.is_file() and not overwrite:
                 return True
+            dest.unlink(missing_ok=True)
             fetcher.fetch(f"{base_url}/{rel}", dest, verify=lambda p: None if p.stat().st_size else f"{rel}: empty")
             return False
 
@@ -541,7 +544,7 @@ def download_gldv2(
             name = f"images_{i:03d}.tar"
             tdir = out / "tars" / split
             tar_path, verified, extracted = tdir / name, tdir / f"{name}.md5ok", tdir / f"{name}.extracted"
-            if extracted.is_file():
+            if extracted.is_file() and not overwrite:
                 return True
             md5_url = f"{base_url}/md5sum/{split}/md5.images_{i:03d}.txt"
             expected = parse_md5(fetcher.read_text(md5_url), md5_url)
@@ -633,13 +636,13 @@ def _gnd_problem(path: Path, name: str) -> str | None:
 
 
 def _extract_archive_job(
-    fetcher: Fetcher, url: str, archive: Path, dest: Path, flatten: bool, keep: bool
+    fetcher: Fetcher, url: str, archive: Path, dest: Path, flatten: bool, keep: bool, overwrite: bool = False
 ) -> Callable[[], bool]:
     """Download (checked with :func:`_archive_problem`) and extract one revisitop archive; resumable."""
 
     def run() -> bool:
         marker = archive.with_name(archive.name + ".extracted")
-        if marker.is_file():
+        if marker.is_file() and not overwrite:
             return True
         if not archive.is_file():
             fetcher.fetch(url, archive, verify=_archive_problem)
@@ -669,6 +672,7 @@ def download_revisitop(
     jobs: int = 4,
     fetcher: Fetcher | None = None,
     keep_archives: bool = False,
+    overwrite: bool = False,
 ) -> RunReport:
     """Download Revisited Oxford/Paris (images + ``gnd_<name>.pkl``) and optionally the 1M distractors.
 
@@ -681,6 +685,7 @@ def download_revisitop(
         jobs: parallel downloads.
         fetcher: HTTP settings.
         keep_archives: keep archives after extraction (default: delete; the ``.extracted`` marker remains).
+        overwrite: fetch the small files again and extract every archive again (a kept archive is not refetched).
 
     Returns:
         The run report (also ``out/download_report.json``): every image listed in a ground truth must be in
@@ -698,7 +703,7 @@ def download_revisitop(
 
     def small_file_job(url: str, dest: Path, verify: Callable[[Path], str | None] | None) -> Callable[[], bool]:
         def run() -> bool:
-            if dest.is_file() and (verify is None or verify(dest) is None):
+            if dest.is_file() and not overwrite and (verify is None or verify(dest) is None):
                 return True
             dest.unlink(missing_ok=True)
             fetcher.fetch(url, dest, verify=verify)
@@ -713,7 +718,8 @@ def download_revisitop(
             lambda p, f=gnd_file: _gnd_problem(p, f))))
         for arc in REVISITOP_IMAGES[name][1]:
             job = _extract_archive_job(fetcher, revisitop_url("images", name, arc, base_url),
-                                       out / name / "archives" / arc, out / name / "jpg", True, keep_archives)
+                                       out / name / "archives" / arc, out / name / "jpg", True, keep_archives,
+                                       overwrite)
             job_list.append((f"{name}/{arc}", job))
     r1m = out / "revisitop1m"
     if distractor_parts:
@@ -722,7 +728,8 @@ def download_revisitop(
         for k in range(1, distractor_parts + 1):
             tar_name = f"revisitop1m.{k}.tar.gz"
             job = _extract_archive_job(fetcher, revisitop_url("r1m", "revisitop1m", tar_name, base_url),
-                                       r1m / "archives" / tar_name, r1m / "jpg", False, keep_archives)
+                                       r1m / "archives" / tar_name, r1m / "jpg", False, keep_archives,
+                                       overwrite)
             job_list.append((f"revisitop1m/{tar_name}", job))
 
     _log(f"revisitop: {', '.join(names)}{f' + {distractor_parts} distractor part(s)' if distractor_parts else ''}"
@@ -781,6 +788,7 @@ def _common_args(p: argparse.ArgumentParser, default_jobs: int) -> None:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds without data before a request fails")
     p.add_argument("--backoff", type=float, default=2.0, help="first wait between attempts, doubled each time (s)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    p.add_argument("--overwrite", action="store_true", help="fetch small files and extract archives again")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -805,9 +813,60 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# ``key=value`` arguments (the project's override style, as every other script takes) -> this CLI's flags.
+OVERRIDE_FLAGS = {
+    "output_dir": "--out", "jobs": "--jobs", "base_url": "--base-url", "retries": "--retries",
+    "timeout": "--timeout", "backoff": "--backoff", "progress": "--no-progress", "overwrite": "--overwrite",
+    "keep_tars": "--keep-tars", "keep_archives": "--keep-archives", "datasets": "--datasets",
+    "distractors": "--distractors",
+}
+_NEGATED = {"progress"}  # progress=false -> --no-progress
+
+
+def overrides_to_flags(argv: Sequence[str]) -> list[str]:
+    """``['output_dir=D', 'overwrite=true', '-j', '4']`` -> ``['--out', 'D', '--overwrite', '-j', '4']``.
+
+    Raises:
+        ConfigError: an unknown key (naming the nearest valid one) or a flag key given a non-boolean value.
+    """
+    import difflib
+
+    from delg.config import ConfigError, parse_override
+
+    out: list[str] = []
+    for a in argv:
+        if a.startswith("-") or "=" not in a:
+            out.append(a)
+            continue
+        key, value = parse_override(a)
+        if key not in OVERRIDE_FLAGS:
+            near = difflib.get_close_matches(key, OVERRIDE_FLAGS, n=1, cutoff=0) or ["output_dir"]
+            raise ConfigError(f"unknown setting '{key}' (nearest valid key: '{near[0]}'; valid: "
+                              f"{', '.join(OVERRIDE_FLAGS)})")
+        flag = OVERRIDE_FLAGS[key]
+        if key in _NEGATED or key in ("overwrite", "keep_tars", "keep_archives"):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{key}: expected true or false, got {value!r}")
+            if value != (key in _NEGATED):
+                out.append(flag)
+        elif isinstance(value, list):
+            out += [flag, *map(str, value)]
+        else:
+            out += [flag, str(value)]
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; returns the exit status (0 ok, 1 failures remain, 2 bad arguments, 130 interrupted)."""
+    """CLI entry point; returns the exit status (0 ok, 1 failures remain, 2 bad arguments, 130 interrupted).
+
+    Takes flags (``--out DIR``) or the project's overrides (``output_dir=DIR overwrite=true jobs=4``)."""
+    from delg.config import ConfigError
+
     parser = build_parser()
+    try:
+        argv = overrides_to_flags(sys.argv[1:] if argv is None else argv)
+    except ConfigError as e:
+        parser.error(str(e))
     args = parser.parse_args(argv)
     if args.retries < 1 or args.jobs < 1 or args.timeout <= 0 or args.backoff < 0:
         parser.error("--retries and -j must be >= 1, --timeout > 0, --backoff >= 0")
@@ -817,12 +876,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             out = args.out or Path(os.environ.get("GLDV2_DIR") or REPO_ROOT / "datasets" / "data" / "landmark")
             base = args.base_url or os.environ.get("GLDV2_BASE_URL") or GLDV2_BASE_URL
             counts = {"train": args.n_train, "index": args.n_index, "test": args.n_test}
-            report = download_gldv2(out, counts, base, args.jobs, fetcher, args.keep_tars)
+            report = download_gldv2(out, counts, base, args.jobs, fetcher, args.keep_tars, args.overwrite)
         else:
             out = args.out or Path(os.environ.get("REVISITOP_DIR") or REPO_ROOT / "datasets" / "revisitop")
             base = args.base_url or os.environ.get("REVISITOP_BASE_URL") or None
             report = download_revisitop(out, args.datasets, args.distractors, base, args.jobs, fetcher,
-                                        args.keep_archives)
+                                        args.keep_archives, args.overwrite)
     except ValueError as e:
         parser.error(str(e))
     except KeyboardInterrupt:

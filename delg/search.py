@@ -64,9 +64,16 @@ _GPU_RES: list[Any] = []
 
 
 def to_gpu(index: faiss.Index) -> faiss.Index:
+    """A GPU copy of ``index`` on device 0.
+
+    IVF-PQ gets float16 lookup tables (``useFloat16``): the GPU kernels need them for codes of 56 bytes and more
+    (m=64 at 8 bits is 64) and they cost no measurable recall.  A flat index stays float32 (for it the same flag
+    would store the vectors in float16 and make "exact" search approximate)."""
     if not _GPU_RES:
         _GPU_RES.append(faiss.StandardGpuResources())
-    return faiss.index_cpu_to_gpu(_GPU_RES[0], 0, index)
+    co = faiss.GpuClonerOptions()
+    co.useFloat16 = _ivf(index) is not None
+    return faiss.index_cpu_to_gpu(_GPU_RES[0], 0, index, co)
 
 
 def default_nlist(n: int) -> int:
@@ -74,8 +81,15 @@ def default_nlist(n: int) -> int:
     return max(1, min(int(4 * math.sqrt(n)), n // 39))
 
 
-def new_index(d: int, kind: str, n: int, nlist: int | None = None, m: int = 64, nbits: int = 8) -> faiss.Index:
-    """An empty inner-product index: ``IndexFlatIP`` or ``IndexIVFPQ`` (untrained)."""
+def new_index(
+    d: int, kind: str, n: int, nlist: int | None = None, m: int = 64, nbits: int = 8, refine: float = 0
+) -> faiss.Index:
+    """An empty inner-product index: ``IndexFlatIP`` or ``IndexIVFPQ`` (untrained).
+
+    ``refine > 1`` wraps the IVF-PQ in an ``IndexRefine``: it asks the IVF-PQ for ``refine * k`` candidates and
+    re-scores them with an 8-bit scalar-quantised copy of every vector (``d`` bytes each), which is near exact.
+    PQ codes of 2048-d descriptors in 64 bytes rank the true neighbours poorly (clustered data: recall@100 about
+    0.25); the re-scoring brings recall up to what the probed lists hold."""
     if kind == "flat":
         return faiss.IndexFlatIP(d)
     if kind == "ivfpq":
@@ -83,7 +97,13 @@ def new_index(d: int, kind: str, n: int, nlist: int | None = None, m: int = 64, 
             raise SearchError(f"search.m: {m} must divide the descriptor size {d}")
         nl = int(nlist) if nlist else default_nlist(n)
         quantizer = faiss.IndexFlatIP(d)
-        return faiss.IndexIVFPQ(quantizer, d, nl, int(m), int(nbits), faiss.METRIC_INNER_PRODUCT)
+        ivfpq = faiss.IndexIVFPQ(quantizer, d, nl, int(m), int(nbits), faiss.METRIC_INNER_PRODUCT)
+        if not refine or refine <= 1:
+            return ivfpq
+        sq8 = faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.IndexRefine(ivfpq, sq8)  # faiss's wrapper keeps both parts alive
+        index.k_factor = float(refine)
+        return index
     raise SearchError(f"search.index: unknown index '{kind}' (valid: {', '.join(INDEX_KINDS)})")
 
 
@@ -218,7 +238,7 @@ def _build(st: FeatureStore, names: Sequence[str], conf: Config, progress: bool)
         for s, part in tqdm(list(_chunks(names, chunk)), desc="index db", unit="chunk", disable=not progress):
             view[s : s + len(part)] = st.read_globals(part)
         return index
-    index = new_index(d, kind, n, sc.nlist, int(sc.m), int(sc.nbits))
+    index = new_index(d, kind, n, sc.nlist, int(sc.m), int(sc.nbits), float(sc.refine or 0))
     if not index.is_trained:
         rng = np.random.default_rng(int(conf.seed))
         m = min(n, int(sc.train_size))
@@ -260,7 +280,7 @@ def index_key(conf: Config, db_path: Path, names: Sequence[str]) -> str:
     h.update("\n".join(names).encode())
     fields = {"index": sc.index, "dba_k": sc.dba_k, "alpha": sc.alpha if sc.dba_k else None, "seed": conf.seed}
     if sc.index == "ivfpq":
-        fields.update(nlist=sc.nlist, m=sc.m, nbits=sc.nbits, train_size=sc.train_size)
+        fields.update(nlist=sc.nlist, m=sc.m, nbits=sc.nbits, train_size=sc.train_size, refine=bool(sc.refine and sc.refine > 1))
     h.update(json.dumps(fields, sort_keys=True).encode())
     return h.hexdigest()[:12]
 
@@ -303,6 +323,8 @@ def get_index(conf: Config, dataset: Any) -> DatabaseIndex:
     ivf = _ivf(cpu)
     if ivf is not None:
         ivf.nprobe = int(conf.search.nprobe)
+    if isinstance(cpu, faiss.IndexRefine):
+        cpu.k_factor = float(conf.search.refine)  # a search-time setting: the saved value may be another run's
     idx = cpu
     if _use_gpu(conf.search.gpu):
         try:

@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from delg.config import dump_config
 from delg.data.images import ImageReadError
 from loftr_tools.base import IDENTICAL_INLIERS, ImageRef, Verifier
 from loftr_tools.ransac import RansacConf, ransac_inliers
@@ -637,14 +638,20 @@ def main(conf: Any, method: str | None = None, dataset: Any = None) -> Path:
         dataset = load_dataset(conf)
     rc = conf.rerank
     out_dir = Path(conf.output_dir)
-    src = Path(rc.global_ranks) if rc.get("global_ranks") else out_dir / "ranks" / "global.npy"
-    if not src.is_file():
-        raise FileNotFoundError(f"{src}: global ranking not found (run delg.search first)")
+    if rc.get("global_ranks"):
+        src = Path(rc.global_ranks)
+        if not src.is_file():
+            raise FileNotFoundError(f"rerank.global_ranks: file not found: {src}")
+    else:  # the global stage of this config; delg.search skips itself when its ranking is up to date
+        from delg.search import main as search_main
+
+        src = search_main(conf, dataset)
     ranks = np.load(src)
     score_path = src.with_name(src.stem + "_scores.npy")
     scores = np.load(score_path) if score_path.is_file() else None
     methods = [method] if method else list(rc.methods)
     written = out_dir
+    dump_config(conf, out_dir / "ranks" / "rerank.config.yaml")
     for m in methods:
         rr = open_reranker(conf, dataset, m)
         try:

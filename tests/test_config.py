@@ -24,8 +24,12 @@ def test_defaults_and_overrides() -> None:
 def test_unknown_key_names_nearest() -> None:
     with pytest.raises(ConfigError, match=r"unknown config key 'model.backbon'.*'model.backbone'"):
         load_config(None, ["model.backbon=resnet50"])
-    with pytest.raises(ConfigError, match="unknown config key 'nonsense_key_xyz'"):
+    with pytest.raises(ConfigError, match="unknown config key 'nonsense_key_xyz' .nearest valid key: '[a-z_.]+'"):
         load_config(None, ["nonsense_key_xyz=1"])
+    with pytest.raises(ConfigError, match=r"'search.depthh' \(nearest valid key: 'search.[a-z_]+'"):
+        load_config(None, ["search.depthh=10"])  # ranks.depth is not search.*, but the nearest is still named
+    with pytest.raises(ConfigError, match=r"'ranks.dpth' \(nearest valid key: 'ranks.depth'"):
+        load_config(None, ["ranks.dpth=10"])
 
 
 def test_unknown_key_in_file_names_file(tmp_path: Path) -> None:
@@ -77,3 +81,49 @@ def test_every_shipped_config_loads(path: Path) -> None:
 def test_missing_config_file() -> None:
     with pytest.raises(ConfigError, match="config file not found"):
         load_config("no/such/config.yaml")
+
+
+PAPER = REPO / "configs" / "paper"
+
+
+@pytest.mark.parametrize("path", sorted(p for p in PAPER.glob("r*.yaml") if p.name.startswith(("roxford", "rparis"))),
+                         ids=lambda p: p.name)
+def test_paper_retrieval_configs_follow_the_protocol(path: Path) -> None:
+    c = load_config(path)
+    assert c.dataset.type == "revisitop" and c.dataset.query_crop is True
+    assert c.dataset.name == path.name.split("_")[0]
+    assert c.extract.scales == [0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0] and c.extract.max_size == 1024
+    assert c.extract.global_scales == [0.7071, 1.0, 1.4142] and c.extract.max_keypoints == 1000
+    assert c.rerank.top_k == 100 and {"loftr", "lightglue"} <= set(c.rerank.methods) and c.loftr.long_side == 640
+    assert c.rerank.junk_before_rerank is True
+    assert ("_r1m" in path.name) == bool(c.dataset.distractors)
+    if "_r1m" in path.name:
+        assert c.search.index == "ivfpq" and c.ranks.depth == 1000
+    depth = "101" if "r101" in path.name else "50"
+    assert c.model.backbone == f"resnet{depth}"
+    if "_seed_" in path.name:  # the seed's PyTorch DELG checkpoints: 512-d global, 512-d local
+        assert c.model.checkpoint == f"logs/r{depth}_delg_s512.pyth" and c.model.global_dim == 512
+
+
+def test_readme_commands_exist() -> None:
+    """Every script, config and module the README tells people to run is there."""
+    import re
+
+    text = (REPO / "README.md").read_text()
+    blocks = "\n".join(re.findall(r"```bash\n(.*?)```", text, flags=re.S))
+    scripts = set(re.findall(r"\bbash ([\w./-]+\.sh)", blocks))
+    configs = set(re.findall(r"--config ([\w./-]+\.yaml)", blocks)) | set(re.findall(r"`(configs/[\w./-]+\.yaml)`", text))
+    modules = set(re.findall(r"python -m ([\w.]+)", blocks)) | set(re.findall(r"-m ([\w.]+) --config", blocks))
+    assert scripts and configs and modules
+    for s in scripts:
+        assert (REPO / s).is_file(), s
+    for c in configs:
+        assert (REPO / c).is_file(), c
+        load_config(REPO / c)
+    for m in modules:
+        mod = REPO / Path(*m.split("."))
+        assert mod.with_suffix(".py").is_file() or (mod / "__main__.py").is_file(), m
+    targets = set(re.findall(r"^make (\w[\w-]*)", blocks, flags=re.M))
+    makefile = (REPO / "Makefile").read_text()
+    for t in targets:
+        assert re.search(rf"^{t}:", makefile, flags=re.M), f"make {t}"

@@ -220,6 +220,26 @@ def test_gldv2_clean_run_then_rerun_fetches_nothing(gldv2: tuple, tmp_path: Path
     assert len(json.loads((out / "download_report.json").read_text())["skipped"]) == len(report["done"])
 
 
+def test_gldv2_overrides_output_dir_and_overwrite(gldv2: tuple, tmp_path: Path) -> None:
+    """The project's key=value style: output_dir= picks the folder, overwrite=true extracts everything again."""
+    url, state, ids = gldv2
+    out = tmp_path / "elsewhere"
+    env = {"GLDV2_BASE_URL": url}
+    r = run_script(GLDV2_SH, ["1", "0", "0", f"output_dir={out}", "jobs=2", "progress=false"], env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert_extracted(out, "train", ids["train/0"])
+    victim = out / "train" / gld_member(ids["train/0"][0])
+    victim.unlink()
+    before = sum(state.requests.values())
+    assert run_script(GLDV2_SH, ["1", "0", "0", f"output_dir={out}"], env).returncode == 0
+    assert not victim.exists() and sum(state.requests.values()) == before  # done work is not redone
+    r = run_script(GLDV2_SH, ["1", "0", "0", f"output_dir={out}", "overwrite=true"], env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert victim.is_file() and sum(state.requests.values()) > before
+    r = run_script(GLDV2_SH, ["1", "0", "0", "output_dri=x"], env)
+    assert r.returncode == 2 and "nearest valid key: 'output_dir'" in r.stderr and "Traceback" not in r.stderr
+
+
 @pytest.mark.parametrize("range_support", [True, False])
 def test_gldv2_resume_after_cut_connection(gldv2: tuple, tmp_path: Path, range_support: bool) -> None:
     url, state, ids = gldv2

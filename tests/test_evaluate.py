@@ -257,13 +257,16 @@ def test_format_table_and_cli(tmp_path, shared_data, capsys):
     res = evaluate(g, ranks)
     for p in ("E", "M", "H"):
         for k in ("mAP", "mP@1", "mP@5", "mP@10"):
-            assert data["results"][p][k] == pytest.approx(res[p][k], abs=1e-9)
+            assert data[p][k] == pytest.approx(res[p][k], abs=1e-9)
     printed = capsys.readouterr().out
     assert f"{res['M']['mAP']:.2f}" in printed
     np.savez(tmp_path / "global.npz", ranks=ranks[:100], scores=np.zeros((100, g.n_queries)))
     out = main(["--gnd", str(g.source), "--ranks", str(tmp_path / "global.npz"), "--json", str(tmp_path / "c.json")])
     cut = evaluate(g, ranks[:100])
-    assert json.loads(out.read_text())["results"]["H"]["mAP"] == pytest.approx(cut["H"]["mAP"], abs=1e-9)
+    assert json.loads(out.read_text())["H"]["mAP"] == pytest.approx(cut["H"]["mAP"], abs=1e-9)
+    assert set(json.loads(out.read_text())) == {"E", "M", "H"}  # the layout, nothing else at the top
+    with pytest.raises(SystemExit, match=r"^error: .*nope\.pkl"):  # a missing ground truth: one line
+        main(["--gnd", str(tmp_path / "nope.pkl"), "--ranks", str(tmp_path / "ranks.npy")])
     table = format_table({"global": res, "folders": {"E": res["E"], "M": res["M"], "H": None}}, title="T")
     lines = table.splitlines()
     assert lines[0] == "T" and "global" in table and "n/a" in lines[-2] and f"{res['H']['mAP']:.2f}" in table

@@ -182,7 +182,7 @@ def test_homographies_describe_the_pixels(tiny_bench: Path) -> None:
 
 def test_train_split_gldv2_layout(tiny_bench: Path) -> None:
     preset = mb.PRESETS["tiny"]
-    csv_path = tiny_bench / "train" / "train_clean.csv"
+    csv_path = tiny_bench / "train_clean.csv"
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
     assert rows and list(rows[0]) == ["landmark_id", "images"]
@@ -194,11 +194,11 @@ def test_train_split_gldv2_layout(tiny_bench: Path) -> None:
         assert len(ids) == preset.train_per_class
         for iid in ids:
             assert re.fullmatch(r"[0-9a-f]{16}", iid)
-            p = tiny_bench / "train" / "images" / iid[0] / iid[1] / iid[2] / f"{iid}.jpg"
+            p = tiny_bench / "train" / iid[0] / iid[1] / iid[2] / f"{iid}.jpg"
             assert p.is_file(), p
             listed.append(iid)
     assert len(set(listed)) == len(listed)
-    on_disk = {p.stem for p in (tiny_bench / "train" / "images").rglob("*.jpg")}
+    on_disk = {p.stem for p in (tiny_bench / "train").rglob("*.jpg")}
     assert on_disk == set(listed)
     with Image.open(p) as im:
         assert max(im.size) == preset.train_long_side
@@ -223,7 +223,7 @@ def test_test_and_train_sources_are_disjoint(tiny_bench: Path) -> None:
     assert any(not s.startswith("procedural:") for s in train_src)
     # no training image is a near duplicate of a test image
     test_imgs = sorted((tiny_bench / "jpg").glob("*.jpg"))
-    train_imgs = sorted((tiny_bench / "train" / "images").rglob("*.jpg"))
+    train_imgs = sorted((tiny_bench / "train").rglob("*.jpg"))
     T = np.stack([_thumb(p) for p in test_imgs])
     R = np.stack([_thumb(p) for p in train_imgs])
     assert float((R @ T.T).max()) < 0.9

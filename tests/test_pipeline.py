@@ -92,8 +92,14 @@ def test_search_with_a_new_photo(tiny_run: Path, tiny_bench: Path, capsys: pytes
 
 
 # ---------------------------------------------------------------------------------------------- fault injection
+# The default pipeline (configs/demo.yaml: extraction, global search, DISK+LightGlue and SIFT reranking, evaluation,
+# report) on a copy of the default embedded benchmark, with sizes cut so that it fits a few minutes on 2 CPU cores.
+FAULT_ARGS = ["progress=false", "num_workers=0", "device=cpu", "extract.max_size=160",
+              "extract.scales=[0.7071, 1.0, 1.4142]", "rerank.methods=[lightglue, sift]", "rerank.top_k=8",
+              "lightglue.long_side=192", "lightglue.max_keypoints=128", "sift.long_side=320", "report.max_queries=3"]
 RUNNER = """
-import sys, time
+import os, sys, time
+from pathlib import Path
 import torch
 torch.set_num_threads(1)
 phase, args = sys.argv[1], sys.argv[2:]
@@ -106,96 +112,193 @@ if phase == "extract":  # slow the forward passes so that the kill lands mid-ext
         m.extract = lambda *a, **k: (time.sleep(0.05), f(*a, **k))[1]
         return m
     E.load_model = slow
-else:  # slow the matching so that the kill lands mid-reranking
+elif phase == "rerank":  # slow the SIFT matching so that the kill lands mid-reranking
     import loftr_tools.sift as S
     f = S.SiftVerifier.match
     S.SiftVerifier.match = lambda self, a, b: (time.sleep(0.1), f(self, a, b))[1]
+elif phase == "reference":  # a clean run in which some images are treated as unreadable, wherever they are read
+    import delg.data.images as I, delg.extract as E, delg.report as R
+    refused, real = set(os.environ["DELG_TEST_UNREADABLE"].split(",")), I.load_pil
+    def load_pil(path, crop=None):
+        if Path(path).stem in refused:
+            raise I.ImageReadError(f"{path}: treated as unreadable")
+        return real(path, crop)
+    I.load_pil = E.load_pil = R.load_pil = load_pil
 from delg.retrieve import cli
 sys.exit(cli(args))
 """
 
 
-def _run_until(args: list[str], phase: str, ready, timeout: float = 300) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-c", RUNNER, phase, *args], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _runner(args: list[str], phase: str, log: Path, **env: str) -> subprocess.Popen:
+    """``delg.retrieve`` with ``args`` in a subprocess running RUNNER's ``phase``; its output goes to ``log``."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **env}
+    with open(log, "w") as f:
+        return subprocess.Popen([sys.executable, "-c", RUNNER, phase, *args], cwd=REPO, env=env, stdout=f,
+                                stderr=subprocess.STDOUT)
+
+
+def _tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-3000:]
+
+
+def _run_until(args: list[str], phase: str, ready, log: Path, timeout: float = 600) -> None:
+    """Start a run and SIGKILL it as soon as ``ready()``; fails if the run ends first."""
+    proc = _runner(args, phase, log)
     try:
         deadline = time.time() + timeout
         while time.time() < deadline and proc.poll() is None and not ready():
             time.sleep(0.05)
-        assert proc.poll() is None, f"the run ended before it could be killed during {phase}"
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (exit {proc.returncode}) before it could be killed during {phase}:\n{_tail(log)}")
+        assert ready(), f"{phase}: not ready to be killed after {timeout:.0f} s:\n{_tail(log)}"
         os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL
     finally:
         proc.kill()
         proc.wait()
 
 
-def _progress_done(out: Path) -> int:
-    for p in out.glob("features/*/*-db.progress.json"):
+def _run_reference(args: list[str], unreadable: set[str], log: Path) -> None:
+    proc = _runner(args, "reference", log, DELG_TEST_UNREADABLE=",".join(sorted(unreadable)))
+    assert proc.wait() == 0, _tail(log)
+
+
+def _progress(out: Path, split: str = "db") -> tuple[int, int]:
+    """(done, total) of the extraction of ``split``, (0, 0) before it starts."""
+    for p in out.glob(f"features/*/*-{split}.progress.json"):
         try:
-            return int(json.loads(p.read_text())["done"])
-        except (ValueError, KeyError):
-            return 0
-    return 0
+            data = json.loads(p.read_text())
+            return int(data["done"]), int(data["total"])
+        except (ValueError, KeyError, OSError):
+            return 0, 0
+    return 0, 0
 
 
-def _cached_pairs(out: Path) -> int:
-    for p in out.glob("matches/*.sqlite"):
+def _cached_pairs(out: Path, method: str) -> int:
+    """Pairs in the inlier cache of ``method`` (committed rows: what a kill right now would keep)."""
+    for p in out.glob(f"matches/inliers-{method}-*.sqlite"):
         try:
             with sqlite3.connect(f"file:{p}?mode=ro", uri=True, timeout=1) as db:
-                tables = [t for (t,) in db.execute("select name from sqlite_master where type='table'")]
-                return sum(db.execute(f"select count(*) from {t}").fetchone()[0] for t in tables)
-        except sqlite3.Error:
+                return int(db.execute("select count(*) from pairs").fetchone()[0])
+        except sqlite3.Error:  # not created yet
             return 0
     return 0
 
 
-def _corrupt_copy(src: Path, dst: Path) -> dict[str, list[str]]:
-    """~5% bad files (zero bytes, truncated, garbage) and one missing; returns the names per split."""
+@pytest.fixture(scope="module")
+def default_bench(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default preset of the embedded benchmark (``python -m delg.minibench``, ``make demo``'s): the checkout's
+    build (datasets/minibench/default) when it is current and intact, else built here (about a minute)."""
+    from delg.data.minibench import VERSION, build, content_checksum, default_root, read_build_info
+
+    src = default_root("default")
+    info = read_build_info(src) or {}
+    if (info.get("preset"), info.get("version")) == ("default", VERSION) and content_checksum(src)[0] == info.get("checksum"):
+        return src
+    return build(tmp_path_factory.mktemp("minibench") / "default", preset="default")
+
+
+# What is done to each bad file: (split, position in the split's list as a fraction, kind). 8 damaged files and
+# one missing of the 166 (146 database images, 20 queries): about 5%, spread so that some come before the kill
+# during extraction and some after it.
+DAMAGE = [("db", 0.03, "zero"), ("db", 0.12, "corrupted"), ("db", 0.3, "truncated"), ("db", 0.45, "missing"),
+          ("db", 0.6, "zero"), ("db", 0.75, "corrupted"), ("db", 0.95, "truncated"),
+          ("query", 0.2, "corrupted"), ("query", 0.7, "truncated")]
+
+
+def _damage(path: Path, kind: str) -> None:
+    data = path.read_bytes()
+    if kind == "missing":
+        path.unlink()
+    elif kind == "zero":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        path.write_bytes(data[: len(data) * 2 // 5])
+    elif kind == "corrupted":  # the header stays; garbage replaces a stretch of the image data in the middle
+        mid = len(data) // 2
+        garbage = np.random.default_rng(len(data)).integers(0, 256, 1024, dtype=np.uint8).tobytes()
+        path.write_bytes(data[:mid] + garbage + data[mid + len(garbage):])
+    else:
+        raise ValueError(kind)
+
+
+def _corrupt_copy(src: Path, dst: Path) -> dict[tuple[str, str], str]:
+    """Copy the benchmark and damage the files of DAMAGE; returns {(split, name): kind}."""
     import pickle
 
     shutil.copytree(src, dst)
     gnd = pickle.loads((dst / "gnd_minibench.pkl").read_bytes())
-    db, q = gnd["imlist"], gnd["qimlist"]
-    jpg = dst / "jpg"
-    (jpg / f"{db[2]}.jpg").write_bytes(b"")
-    data = (jpg / f"{db[5]}.jpg").read_bytes()
-    (jpg / f"{db[5]}.jpg").write_bytes(data[: len(data) // 3])
-    (jpg / f"{db[9]}.jpg").write_bytes(os.urandom(2000))
-    (jpg / f"{db[13]}.jpg").unlink()
-    qdata = (jpg / f"{q[1]}.jpg").read_bytes()
-    (jpg / f"{q[1]}.jpg").write_bytes(qdata[: len(qdata) // 4])
-    return {"db": [db[2], db[5], db[9], db[13]], "query": [q[1]]}
+    lists = {"db": gnd["imlist"], "query": gnd["qimlist"]}
+    bad = {}
+    for split, where, kind in DAMAGE:
+        name = lists[split][round(where * (len(lists[split]) - 1))]
+        _damage(dst / "jpg" / f"{name}.jpg", kind)
+        bad[(split, name)] = kind
+    return bad
 
 
 @pytest.mark.slow
-def test_fault_injection_with_kills(tiny_bench: Path, tmp_path: Path) -> None:
-    bench = tmp_path / "bench"
-    bad = _corrupt_copy(tiny_bench, bench)
-    out, ref = tmp_path / "killed", tmp_path / "reference"
-    args = ["--config", "configs/tiny.yaml", f"output_dir={out}", f"dataset.root={bench}", *FAST]
-
-    _run_until(args, "extract", lambda: 3 <= _progress_done(out))
-    _run_until(args, "rerank", lambda: _cached_pairs(out) >= 6)
-    res_path = main(_conf(out, bench))
-    main(_conf(ref, bench))  # uninterrupted run on the same files: the same images are unreadable
-
-    res, res_ref = json.loads(res_path.read_text()), json.loads((ref / "results.json").read_text())
-    assert res["methods"] == res_ref["methods"]
-    assert res["complete"] is False and res["n_queries"] == 5
-    skipped = {(s["split"], s["name"]) for s in res["skipped"]}
-    assert skipped == {("db", n) for n in bad["db"]} | {("query", n) for n in bad["query"]}
-    missing = next(s for s in res["skipped"] if s["name"] == bad["db"][3])
-    assert "not found" in missing["reason"]
-    # skipped database images rank last for every query, in the global and the reranked rankings
+def test_fault_injection_with_kills(default_bench: Path, tmp_path: Path) -> None:
+    """The issue's fault-injection run: ~5% bad files and one missing, a kill during extraction and one during
+    reranking, each followed by a rerun; it completes, reports every bad file, ranks skipped database images last,
+    leaves skipped queries out and counts them, and its metrics equal those of an uninterrupted run on the clean
+    benchmark in which the same images are treated as unreadable."""
     import pickle
 
-    imlist = pickle.loads((bench / "gnd_minibench.pkl").read_bytes())["imlist"]
-    bad_ids = {imlist.index(n) for n in bad["db"]}
-    g = np.load(out / "ranks" / "global.npy")
-    r = np.load(out / "ranks" / "rerank-sift.npz")["ranks"]
-    for ranks in (g, r):
-        assert all(set(ranks[-4:, c]) == bad_ids for c in range(ranks.shape[1]))
+    clean, bench = tmp_path / "clean", tmp_path / "bench"
+    shutil.copytree(default_bench, clean)
+    bad = _corrupt_copy(default_bench, bench)
+    gnd = pickle.loads((bench / "gnd_minibench.pkl").read_bytes())
+    n_db, n_q = len(gnd["imlist"]), len(gnd["qimlist"])
+    assert (n_db, n_q) == (146, 20)
+    assert 0.04 <= len(bad) / (n_db + n_q) <= 0.06
+    bad_db = {gnd["imlist"].index(n) for s, n in bad if s == "db"}
+    bad_q = {gnd["qimlist"].index(n) for s, n in bad if s == "query"}
+    keep = [j for j in range(n_q) if j not in bad_q]
+    out, ref = tmp_path / "killed", tmp_path / "reference"
+    args = ["--config", "configs/demo.yaml", f"dataset.root={bench}", *FAULT_ARGS]
+
+    # a kill during extraction, when some but not all database images are done
+    _run_until([*args, f"output_dir={out}"], "extract", lambda: _progress(out)[0] >= 30, tmp_path / "extract.log")
+    done, total = _progress(out)
+    assert 30 <= done < total - len(bad_db) and total == n_db
+    # a rerun, killed during the SIFT reranking (after the LightGlue one), when some but not all pairs are done
+    n_pairs = len(keep) * 8
+    _run_until([*args, f"output_dir={out}"], "rerank", lambda: _cached_pairs(out, "sift") >= 20,
+               tmp_path / "rerank.log")
+    assert _progress(out) == (n_db - len(bad_db), n_db) and _progress(out, "query") == (n_q - len(bad_q), n_q)
+    assert 20 <= _cached_pairs(out, "sift") < n_pairs
+    assert _cached_pairs(out, "lightglue") == n_pairs
+    # the final rerun completes
+    res_path = main(load_config("configs/demo.yaml", [f"output_dir={out}", f"dataset.root={bench}", *FAULT_ARGS]))
+    assert _cached_pairs(out, "sift") == n_pairs
+    # the reference: uninterrupted, on the clean copy, the same images treated as unreadable
+    _run_reference(["--config", "configs/demo.yaml", f"output_dir={ref}", f"dataset.root={clean}", *FAULT_ARGS],
+                   {n for _, n in bad}, tmp_path / "reference.log")
+
+    res, res_ref = json.loads(res_path.read_text()), json.loads((ref / "results.json").read_text())
+    assert set(res["methods"]) == {"global", "lightglue", "sift"}
+    assert res["methods"] == res_ref["methods"]
+    assert res["complete"] is False and res_ref["complete"] is False
+    assert res["n_queries"] == len(keep) == n_q - 2 and res["n_queries_skipped"] == 2
+    assert res["n_db"] == n_db and res["n_db_skipped"] == len(bad_db) == 7
+    assert res["verifier_failures"] == []
+    # every bad file is reported, with its reason
+    reasons = {(s["split"], s["name"]): s["reason"] for s in res["skipped"]}
+    assert set(reasons) == set(bad) == {(s["split"], s["name"]) for s in res_ref["skipped"]}
+    for key, kind in bad.items():
+        assert ("not found" if kind == "missing" else "cannot decode") in reasons[key], (kind, reasons[key])
+    # skipped database images rank last for every query, in the global and the reranked rankings, and the
+    # rankings are those of the reference
+    ranks = {"global": np.load(out / "ranks" / "global.npy")[:, keep]}
+    ranks |= {m: np.load(out / "ranks" / f"rerank-{m}.npz")["ranks"] for m in ("lightglue", "sift")}
+    ranks_ref = {"global": np.load(ref / "ranks" / "global.npy")[:, keep]}
+    ranks_ref |= {m: np.load(ref / "ranks" / f"rerank-{m}.npz")["ranks"] for m in ("lightglue", "sift")}
+    for m, r in ranks.items():
+        assert r.shape == (n_db, len(keep)), m
+        assert all(set(r[-len(bad_db):, c]) == bad_db for c in range(r.shape[1])), m
+        np.testing.assert_array_equal(r, ranks_ref[m], err_msg=m)
+    assert (out / "report.html").is_file()
 
 
 # ---------------------------------------------------------------------------------------------- real photos

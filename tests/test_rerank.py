@@ -273,16 +273,17 @@ def test_main_writes_reranked_ranks(tmp_path: Path) -> None:
     ds = SimpleNamespace(name="t", query_names=["a"], query_paths=[paths[0]], query_bbx=[None], db_names=["b", "c"],
                          db_paths=paths[1:], gnd=None)
     out = tmp_path / "out"
-    (out / "ranks").mkdir(parents=True)
-    np.save(out / "ranks" / "global.npy", np.array([[1], [0]]))  # the unrelated image c first
-    np.save(out / "ranks" / "global_scores.npy", np.array([[0.9], [0.8]]))
+    np.save(tmp_path / "g.npy", np.array([[1], [0]]))  # a given global ranking: the unrelated image c first
+    np.save(tmp_path / "g_scores.npy", np.array([[0.9], [0.8]]))
     conf = load_config(None, [f"output_dir={out}", "rerank.methods=[sift]", "rerank.top_k=2", "progress=false",
-                              "sift.long_side=160", "ransac.model=homography", "device=cpu"])
+                              "sift.long_side=160", "ransac.model=homography", "device=cpu",
+                              f"rerank.global_ranks={tmp_path / 'g.npy'}"])
     written = main(conf, dataset=ds)
     z = np.load(written)
     assert z["ranks"][:, 0].tolist() == [0, 1]  # b (a shifted copy of a) moves above c
     assert z["inliers"][0, 0] > 20 and z["inliers"][1, 0] < 10
     assert len(list((out / "matches").glob("inliers-sift-*.sqlite"))) == 1
+    assert (out / "ranks" / "rerank.config.yaml").is_file()
 
 
 def test_batched_match_many_is_used() -> None:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from delg.errors import ProjectError
 
@@ -27,28 +27,39 @@ class ImageReadError(ProjectError, RuntimeError):
 BBox = tuple[float, float, float, float]
 
 
-def load_pil(path: str | Path, crop: BBox | Sequence[float] | None = None) -> Image.Image:
-    """Open an image as RGB, EXIF-rotated, optionally cropped to ``crop = (x1, y1, x2, y2)``.
+# EXIF orientation -> the PIL transpose that makes the image upright (as ImageOps.exif_transpose does).
+_EXIF_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
-    The crop follows revisitop's ``PIL.Image.crop(bbx)`` exactly (coordinates rounded to the nearest pixel),
-    applied in the orientation in which the ground truth was drawn (after EXIF rotation).
-    Grayscale, palette, CMYK and alpha images are converted to RGB (alpha composited on white).
+
+def load_pil(path: str | Path, crop: BBox | Sequence[float] | None = None) -> Image.Image:
+    """Open an image as RGB, cropped to ``crop = (x1, y1, x2, y2)`` if given, then EXIF-rotated upright.
+
+    The crop is revisitop's ``PIL.Image.crop(bbx)`` exactly, on the pixels as stored in the file: revisitop's
+    loader ignores EXIF orientation, so its boxes are in that frame.  Rotating afterwards keeps the same region
+    and only turns the result upright.  Grayscale, palette, CMYK and alpha images are converted to RGB (alpha
+    composited on white).
     """
     path = Path(path)
     try:
         with Image.open(path) as im:
             im.load()
-            im = ImageOps.exif_transpose(im)
+            orientation = im.getexif().get(0x0112, 1)
+            if crop is not None:
+                x1, y1, x2, y2 = (float(c) for c in crop)
+                if not (x2 > x1 and y2 > y1):
+                    raise ImageReadError(f"{path}: empty crop box {tuple(crop)}")
+                im = im.crop((x1, y1, x2, y2))
+            if orientation in _EXIF_TRANSPOSE:
+                im = im.transpose(_EXIF_TRANSPOSE[orientation])
             im = _to_rgb(im)
     except FileNotFoundError:
         raise ImageReadError(f"{path}: file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImageReadError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
-    if crop is not None:
-        x1, y1, x2, y2 = (float(c) for c in crop)
-        if not (x2 > x1 and y2 > y1):
-            raise ImageReadError(f"{path}: empty crop box {tuple(crop)}")
-        im = im.crop((x1, y1, x2, y2))
     return im
 
 

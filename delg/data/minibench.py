@@ -47,8 +47,8 @@ and label the view (see :func:`label_view`)::
 Views of other landmarks and distractors are negatives.  ``sources.json`` records, for every image, its split,
 role, scene, source photographs and homography, plus the measured values and label of every (query, view) pair.
 
-Training split (GLDv2 layout): ``<out>/train/train_clean.csv`` (``landmark_id,images``; ``images`` =
-space-separated 16-hex-digit ids) and ``<out>/train/images/<a>/<b>/<c>/<id>.jpg``.  Training landmarks are
+Training split (GLDv2 layout, as ``download_dataset.sh`` leaves GLDv2): ``<out>/train_clean.csv``
+(``landmark_id,images``; ``images`` = space-separated 16-hex-digit ids) and ``<out>/train/<a>/<b>/<c>/<id>.jpg``.  Training landmarks are
 other scenes: facades generated from a separate seed stream and photographs that the test split never uses
 (``sources.json`` lists the source of every image; the two sets are disjoint).
 
@@ -85,7 +85,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from delg.errors import ProjectError
 
-VERSION = 1
+VERSION = 2  # 2: training split in GLDv2's own layout (train_clean.csv at the root, train/a/b/c/<id>.jpg)
 GND_NAME = "gnd_minibench.pkl"
 JPEG_QUALITY = 90
 
@@ -957,7 +957,7 @@ def _iter_build(out: Path, preset_name: str) -> Iterator[str]:
             tier = ("easy0", "zoomin", "tilt0", "random", "night", "occl", "rot", "zoomout")[k % 8]
             v = _make_view(scene, tier, _rng("train-view", ci, k), preset.train_long_side, scene.focus[:2])
             iid = hashlib.sha256(f"minibench-{preset_name}-train-{ci}-{k}".encode()).hexdigest()[:16]
-            rel = f"train/images/{iid[0]}/{iid[1]}/{iid[2]}/{iid}.jpg"
+            rel = f"train/{iid[0]}/{iid[1]}/{iid[2]}/{iid}.jpg"
             _write(out / rel, _jpeg_bytes(v["image"]))
             images_meta[rel] = {"split": "train", "role": "train", "landmark": ci, "scene": scene.key,
                                 "sources": scene.sources, "size": list(v["size"]), "H": _r(v["H"]), "tier": tier,
@@ -965,7 +965,7 @@ def _iter_build(out: Path, preset_name: str) -> Iterator[str]:
             ids.append(iid)
         rows.append((ci, " ".join(ids)))
         yield f"train class {ci}"
-    with open(out / "train" / "train_clean.csv", "w", newline="") as f:
+    with open(out / "train_clean.csv", "w", newline="") as f:
         wr = csv.writer(f, lineterminator="\n")
         wr.writerow(["landmark_id", "images"])
         wr.writerows(rows)

@@ -59,8 +59,8 @@ def training_data(conf: Mapping[str, Any]) -> LandmarkSet:
         # Use dataset.root/preset when the run is about the minibench; otherwise its default build.
         ds_conf = conf if conf["dataset"]["type"] == "minibench" else {"dataset": {"root": None, "preset": "default"},
                                                                        "progress": conf.get("progress", True)}
-        root = Path(ensure_built(ds_conf)) / "train"
-        csv_path, images = root / "train_clean.csv", root / "images"
+        root = Path(ensure_built(ds_conf))  # GLDv2's layout: train_clean.csv, train/a/b/c/<id>.jpg
+        csv_path, images = root / "train_clean.csv", root / "train"
     elif t["data"] == "gldv2":
         if not t.get("csv") or not t.get("images"):
             raise TrainConfigError("train.data=gldv2 needs train.csv=<label file> and train.images=<image root>")
