@@ -3,6 +3,7 @@
     python -m delg.minibench --out datasets/minibench/default
     python -m delg.minibench --out /tmp/mb --preset tiny --force
     python -m delg.minibench dataset.preset=tiny          # into conf.dataset.root or datasets/minibench/<preset>
+    python -m delg.minibench output_dir=/tmp/mb           # the same as --out /tmp/mb
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ def cli(argv: list[str] | None = None) -> Path:
     conf = load_config(config_path, args.overrides)
     if args.preset:
         conf.dataset.preset = args.preset
+    # output_dir=DIR (the project-wide override) is the same as --out DIR here: where the benchmark is built
+    given = next((Path(a.split("=", 1)[1]) for a in args.overrides if a.startswith("output_dir=")), None)
+    if args.out is None and given is not None:
+        args.out = given
     if args.out is not None or args.force:
         out = args.out or (Path(conf.dataset.root) if conf.dataset.root else None)
         if out is None:
