@@ -123,7 +123,7 @@ def test_mat_zero_index_is_out_of_range(tmp_path):
     qimlist[0, 0] = "q"
     p = tmp_path / "gnd_bad.mat"
     scipy.io.savemat(str(p), {"imlist": imlist, "qimlist": qimlist, "gnd": s})
-    with pytest.raises(GroundTruthError, match=r"gnd_bad\.mat.*gnd\[0\] \(query 'q'\)\.easy.*out of range"):
+    with pytest.raises(GroundTruthError, match=r"gnd_bad\.mat.*gnd\[0\] \(query 'q'\)\.easy has index 0 out of range \[1, 2\].*1-based"):
         read_gnd(p)
 
 

@@ -271,8 +271,11 @@ def parse_gnd(data: Any, path: str | Path, name: str | None = None) -> GroundTru
             a = _as_index_array(q[f], path, f"{where}.{f}")
             bad = a[(a < 0) | (a >= n_db)]
             if bad.size:
+                one_based = path.suffix.lower() == ".mat"  # report the index as written in the file
+                shown, lo, hi = (int(bad[0]) + 1, 1, n_db) if one_based else (int(bad[0]), 0, n_db - 1)
                 raise GroundTruthError(
-                    f"{path}: {where}.{f} has index {int(bad[0])} out of range [0, {n_db}) of imlist"
+                    f"{path}: {where}.{f} has index {shown} out of range [{lo}, {hi}] of imlist"
+                    + (" (1-based, as MATLAB writes it)" if one_based else "")
                 )
             if np.unique(a).size != a.size:
                 raise GroundTruthError(f"{path}: {where}.{f} lists an index twice")
