@@ -675,4 +675,5 @@ if __name__ == "__main__":
     from delg.config import run_stage
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every SIMD build it tries at INFO
     sys.exit(run_stage(main, sys.argv[1:], __doc__))
