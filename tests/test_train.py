@@ -245,3 +245,31 @@ def test_backbone_lr_mult_groups():
     assert {mult[id(p)] for p in model.local_head.parameters()} == {2.0}
     assert mult[id(model.global_head.fc.weight)] == 1.0 and mult[id(model.arcface.weight)] == 1.0
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+@pytest.mark.slow
+def test_finetune_from_seed_pycls_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """configs/paper/seed_r50_delg_s512.yaml fine-tunes (CE + SupCon) from a checkpoint in the seed's pycls layout:
+    the backbone and global head start from it, the classifiers are re-sized to the training landmarks."""
+    from test_model import _pycls_resnet50_state
+
+    seed = tmp_path / "r50_delg_s512.pyth"
+    sd = _pycls_resnet50_state(n_cls=11, dim=512, gen=torch.Generator().manual_seed(0))
+    torch.save({"epoch": 10, "model_state": sd, "optimizer_state": {}, "cfg": "MODEL:\n  DEPTH: 50\n"}, seed)
+    root = _write_gld(tmp_path / "gld")
+    out = tmp_path / "run"
+    conf = load_config(REPO / "configs" / "paper" / "seed_r50_delg_s512.yaml", [
+        f"model.checkpoint={seed}", "model.num_classes=null", f"train.csv={root / 'train_clean.csv'}",
+        f"train.images={root / 'images'}", f"output_dir={out}", "train.image_size=32", "train.batch_size=4",
+        "train.epochs=1", "train.val_fraction=0", "num_workers=0", "progress=false", "device=cpu"])
+    assert conf.loss["global"] == "ce+supcon"
+    last = train_main(conf)
+    assert "classifiers re-initialised for 3 classes (checkpoint had 11)" in capsys.readouterr().out
+    ck = torch.load(last, weights_only=True)
+    assert ck["meta"]["backbone"] == "resnet50" and ck["meta"]["global_dim"] == 512 and ck["meta"]["num_classes"] == 3
+    rows = _log(out)
+    assert float(rows[0]["ce"]) > 0 and float(rows[0]["supcon"]) > 0
+    # one epoch of small steps moves the imported weights a little; a fresh start would be far away
+    start = sd["globalmodel.stem.conv.weight"]
+    tuned = next(v for k, v in ck["model_state"].items() if k.endswith("conv1.weight") and v.shape == start.shape)
+    assert (tuned - start).norm() < 0.1 * start.norm()
