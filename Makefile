@@ -34,4 +34,4 @@ clean-outputs:
 .PHONY: gpu-wheels
 gpu-wheels:
 	rm -rf .gpu_wheels
-	$(PY) -m pip download --only-binary=:all: --no-deps --python-version 3.12 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d .gpu_wheels kornia==0.9.0 kornia_rs==0.2.0
+	$(PYTHON) -m pip download --only-binary=:all: --no-deps --python-version 3.12 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d .gpu_wheels kornia==0.9.0 kornia_rs==0.2.0

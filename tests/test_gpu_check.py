@@ -24,10 +24,12 @@ def _no_errors(data: dict[str, Any]) -> None:
 
 @pytest.mark.slow
 def test_gpu_check_tiny_cpu(tmp_path: Path) -> None:
-    out = tmp_path / "gpu.json"
-    res = gpu_check.main(["--tiny", "--device", "cpu", "--out", str(out)])
-    data = json.loads(out.read_text())
-    assert data == json.loads(json.dumps(res))
+    """The script itself, as a user runs it: from another folder, with the project's key=value style."""
+    r = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "tiny=true", "device=cpu", "output_dir=out"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     assert data["finished"] is True and data["running"] is None and data["tiny"] is True
     _no_errors(data)
     env = data["env"]
