@@ -82,10 +82,17 @@ def _all_keys(d: Mapping[str, Any], prefix: str = "") -> list[str]:
     return out
 
 
+# Keys that moved or went away: the error says where to (or why) instead of guessing a neighbour.
+RENAMED = {"search.depth": "it is now 'ranks.depth'",
+           "model.checkpoint_trust": "removed: checkpoints are always read with torch.load(weights_only=True)"}
+
+
 def _unknown(key: str, schema: Mapping[str, Any], source: str) -> ConfigError:
     """The error for ``key``, naming the nearest valid key: a close spelling when there is one, else the key whose
     last part is most alike (``zzzz`` still gets a suggestion and the place to look up the rest)."""
     keys = _all_keys(schema)
+    if key in RENAMED:
+        return ConfigError(f"{source}: unknown config key '{key}' ({RENAMED[key]})")
     near = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
     if not near:  # nothing close as a whole: compare the last part only, always yielding a candidate
         last = key.rsplit(".", 1)[-1]
@@ -156,6 +163,30 @@ def _load_file_chain(path: Path, schema: Mapping[str, Any], seen: tuple[Path, ..
     return chain
 
 
+# Keys whose values are file or folder paths.  A relative path written in a config file is read against the
+# repository root when the file lives in the repository (its configs say ``datasets/...``, ``logs/...``), else
+# against the file's own folder, so a config means the same files from whatever folder a script is run in.
+# Paths given on the command line stay relative to the current folder, as in any command.
+PATH_KEYS = ("output_dir", "query", "dataset.root", "dataset.distractors", "model.checkpoint", "train.csv",
+             "train.images", "loftr.weights", "rerank.global_ranks")
+
+
+def _anchor_paths(data: dict[str, Any], config_file: Path) -> dict[str, Any]:
+    """A copy of one config file's ``data`` with the relative paths of :data:`PATH_KEYS` made absolute."""
+    base = REPO_ROOT if config_file.is_relative_to(REPO_ROOT) else config_file.parent
+    out = copy.deepcopy(data)
+    for key in PATH_KEYS:
+        *parents, leaf = key.split(".")
+        node: Any = out
+        for k in parents:
+            node = node.get(k) if isinstance(node, Mapping) else None
+        if isinstance(node, dict) and isinstance(node.get(leaf), str) and node[leaf]:
+            value = Path(node[leaf]).expanduser()
+            if not value.is_absolute():
+                node[leaf] = str(base / value)
+    return out
+
+
 def resolve_config_path(path: str | Path) -> Path:
     """Find a config by path, or by name in ``configs/`` (``demo`` -> ``configs/demo.yaml``)."""
     p = Path(path)
@@ -184,7 +215,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
             rest.append((o, k, v))
     if path is not None:
         for f, data in _load_file_chain(resolve_config_path(path), schema):
-            _merge(conf, data, schema, str(f))
+            _merge(conf, _anchor_paths(data, f), schema, str(f))
     for o, k, v in rest:
         _merge(conf, _nest(k, v), schema, f"override '{o}'")
     return Config(conf)

@@ -373,6 +373,7 @@ class RunReport:
     skipped: list[str] = field(default_factory=list)  # already complete from an earlier run
     failures: list[dict[str, str]] = field(default_factory=list)
     checks: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)  # what the run was asked to do (the resolved arguments)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def fail(self, item: str, reason: str) -> None:
@@ -391,6 +392,7 @@ class RunReport:
         data = {
             "dataset": self.dataset,
             "out": str(self.out),
+            "settings": self.settings,
             "done": sorted(self.done),
             "skipped": sorted(self.skipped),
             "failures": sorted(self.failures, key=lambda f: f["item"]),
@@ -525,7 +527,9 @@ def download_gldv2(
         if split not in GLDV2_SPLITS or not 0 <= n <= GLDV2_SPLITS[split]:
             raise ValueError(f"GLDv2 split '{split}': number of tars must be in 0..{GLDV2_SPLITS.get(split)}, got {n}")
     out.mkdir(parents=True, exist_ok=True)
-    report = RunReport("gldv2", out)
+    report = RunReport("gldv2", out, settings={
+        "counts": dict(counts), "base_url": base_url, "jobs": jobs, "keep_tars": keep_tars, "overwrite": overwrite,
+        "retries": fetcher.retries, "timeout": fetcher.timeout})
     job_list: list[tuple[str, Callable[[], bool]]] = []
 
     def metadata_job(rel: str) -> Callable[[], bool]:
@@ -698,7 +702,10 @@ def download_revisitop(
     if not 0 <= distractor_parts <= REVISITOP1M_PARTS:
         raise ValueError(f"distractor parts must be in 0..{REVISITOP1M_PARTS}, got {distractor_parts}")
     out.mkdir(parents=True, exist_ok=True)
-    report = RunReport("revisitop", out)
+    report = RunReport("revisitop", out, settings={
+        "datasets": list(names), "distractor_parts": distractor_parts, "base_url": base_url or "official hosts",
+        "jobs": jobs, "keep_archives": keep_archives, "overwrite": overwrite, "retries": fetcher.retries,
+        "timeout": fetcher.timeout})
     job_list: list[tuple[str, Callable[[], bool]]] = []
 
     def small_file_job(url: str, dest: Path, verify: Callable[[Path], str | None] | None) -> Callable[[], bool]:

@@ -337,7 +337,14 @@ def main(argv: list[str] | None = None) -> Path | None:
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--n-db", type=int, default=None, help="database size incl. distractors (range check)")
     ap.add_argument("--per-query", action="store_true", help="also write per-query AP / precision to --json")
-    args = ap.parse_args(argv)
+    args, rest = ap.parse_known_args(sys.argv[1:] if argv is None else argv)
+    for a in rest:  # the project's key=value style: output_dir=DIR receives the JSON (DIR/evaluation.json)
+        key, _, value = a.partition("=")
+        if key.lstrip("-") != "output_dir" or not value:
+            ap.error(f"unrecognized argument '{a}' (this command takes --gnd, --ranks, --json, --n-db, --per-query "
+                     "and output_dir=DIR)")
+        if args.json is None:
+            args.json = str(Path(value) / "evaluation.json")
     try:
         gnd = read_gnd(args.gnd)
     except (ProjectError, OSError) as e:  # a missing or malformed ground truth: one line, no traceback

@@ -290,12 +290,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for key, value in kv.items():
         if key in ("output_dir", "out", "device"):
             setattr(args, key, value)
-        elif key == "tiny":
+        elif key in ("tiny", "overwrite", "progress"):
             if value.lower() not in _TRUE | _FALSE:
-                ap.error(f"tiny={value}: expected true or false")
-            args.tiny = value.lower() in _TRUE
+                ap.error(f"{key}={value}: expected true or false")
+            if key == "tiny":
+                args.tiny = value.lower() in _TRUE
+            # overwrite, progress: accepted as every script accepts them; the JSON is always rewritten
         else:
-            ap.error(f"unknown setting '{key}' (known: output_dir, out, tiny, device)")
+            import difflib
+
+            known = ("output_dir", "out", "tiny", "device", "overwrite", "progress")
+            near = difflib.get_close_matches(key, known, n=1, cutoff=0) or ["output_dir"]
+            ap.error(f"unknown setting '{key}' (nearest valid key: '{near[0]}'; known: {', '.join(known)})")
     if args.out is None:
         args.out = str(Path(args.output_dir) / "gpu_check.json") if args.output_dir else "gpu_check.json"
     elif args.output_dir:

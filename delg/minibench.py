@@ -34,6 +34,8 @@ def cli(argv: list[str] | None = None) -> Path:
     conf = load_config(config_path, args.overrides)
     if args.preset:
         conf.dataset.preset = args.preset
+    if conf.get("overwrite"):  # overwrite=true, as every script takes it: the same as --force
+        args.force = True
     # output_dir=DIR (the project-wide override) is the same as --out DIR here: where the benchmark is built
     given = next((Path(a.split("=", 1)[1]) for a in args.overrides if a.startswith("output_dir=")), None)
     if args.out is None and given is not None:

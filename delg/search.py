@@ -69,6 +69,22 @@ def to_gpu(index: faiss.Index) -> faiss.Index:
     IVF-PQ gets float16 lookup tables (``useFloat16``): the GPU kernels need them for codes of 56 bytes and more
     (m=64 at 8 bits is 64) and they cost no measurable recall.  A flat index stays float32 (for it the same flag
     would store the vectors in float16 and make "exact" search approximate)."""
+    if isinstance(index, faiss.IndexRefine):
+        # FAISS cannot clone an IndexRefine to the GPU: move the IVF-PQ that finds the candidates, keep the 8-bit
+        # copy that re-scores them (refine * k per query, cheap) on the CPU.
+        return refine_on(_clone_to_gpu(faiss.downcast_index(index.base_index)), index)
+    return _clone_to_gpu(index)
+
+
+def refine_on(base: faiss.Index, cpu_refine: faiss.Index) -> faiss.Index:
+    """An ``IndexRefine`` that searches ``base`` (e.g. a GPU copy) and re-scores with ``cpu_refine``'s copy."""
+    refine = faiss.downcast_index(cpu_refine.refine_index)
+    out = faiss.IndexRefine(base, refine)  # faiss's wrapper keeps both alive
+    out.k_factor = cpu_refine.k_factor
+    return out
+
+
+def _clone_to_gpu(index: faiss.Index) -> faiss.Index:
     if not _GPU_RES:
         _GPU_RES.append(faiss.StandardGpuResources())
     co = faiss.GpuClonerOptions()

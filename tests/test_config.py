@@ -27,7 +27,9 @@ def test_unknown_key_names_nearest() -> None:
     with pytest.raises(ConfigError, match="unknown config key 'nonsense_key_xyz' .nearest valid key: '[a-z_.]+'"):
         load_config(None, ["nonsense_key_xyz=1"])
     with pytest.raises(ConfigError, match=r"'search.depthh' \(nearest valid key: 'search.[a-z_]+'"):
-        load_config(None, ["search.depthh=10"])  # ranks.depth is not search.*, but the nearest is still named
+        load_config(None, ["search.depthh=10"])
+    with pytest.raises(ConfigError, match=r"'search.depth' \(it is now 'ranks.depth'\)"):
+        load_config(None, ["search.depth=10"])  # a renamed key says where it went
     with pytest.raises(ConfigError, match=r"'ranks.dpth' \(nearest valid key: 'ranks.depth'"):
         load_config(None, ["ranks.dpth=10"])
 
@@ -38,6 +40,22 @@ def test_unknown_key_in_file_names_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as e:
         load_config(f)
     assert str(f) in str(e.value) and "dataset.rooot" in str(e.value) and "dataset.root" in str(e.value)
+
+
+def test_paths_in_config_files_do_not_depend_on_the_current_folder(tmp_path: Path, monkeypatch) -> None:
+    """A repo config's relative paths are read against the repo, a user config's against its own folder;
+    command-line paths stay relative to the current folder."""
+    monkeypatch.chdir(tmp_path)
+    c = load_config("paper/roxford5k_seed_r50", ["dataset.distractors=here/jpg"])
+    assert c.dataset.root == str(REPO / "datasets/revisitop/roxford5k")
+    assert c.model.checkpoint == str(REPO / "logs/r50_delg_s512.pyth")
+    assert c.output_dir == str(REPO / "outputs/paper/roxford5k_seed_r50")
+    assert c.dataset.distractors == "here/jpg"
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "mine.yaml").write_text("dataset:\n  root: photos\nmodel:\n  checkpoint: /abs/ck.pth\n")
+    c = load_config(tmp_path / "cfg" / "mine.yaml")
+    assert c.dataset.root == str(tmp_path / "cfg" / "photos") and c.model.checkpoint == "/abs/ck.pth"
+    assert load_config(None).output_dir == "outputs/demo"  # defaults are not files: relative to the current folder
 
 
 def test_section_given_a_value_is_an_error() -> None:
@@ -56,7 +74,7 @@ def test_base_chain_and_order(tmp_path: Path) -> None:
     (tmp_path / "parent.yaml").write_text("output_dir: a\nrerank:\n  top_k: 5\n")
     (tmp_path / "child.yaml").write_text("_base_: parent.yaml\noutput_dir: b\n")
     conf = load_config(tmp_path / "child.yaml", ["rerank.top_k=7"])
-    assert conf.output_dir == "b" and conf.rerank.top_k == 7
+    assert conf.output_dir == str(tmp_path / "b") and conf.rerank.top_k == 7  # relative to the file's folder
     conf = load_config(None, [f"config={tmp_path / 'child.yaml'}"])
     assert conf.rerank.top_k == 5
 
@@ -102,7 +120,7 @@ def test_paper_retrieval_configs_follow_the_protocol(path: Path) -> None:
     depth = "101" if "r101" in path.name else "50"
     assert c.model.backbone == f"resnet{depth}"
     if "_seed_" in path.name:  # the seed's PyTorch DELG checkpoints: 512-d global, 512-d local
-        assert c.model.checkpoint == f"logs/r{depth}_delg_s512.pyth" and c.model.global_dim == 512
+        assert c.model.checkpoint == str(REPO / f"logs/r{depth}_delg_s512.pyth") and c.model.global_dim == 512
 
 
 def test_readme_commands_exist() -> None:

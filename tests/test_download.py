@@ -208,6 +208,7 @@ def test_gldv2_clean_run_then_rerun_fetches_nothing(gldv2: tuple, tmp_path: Path
         assert (out / name).read_bytes() == next(state.root.rglob(name)).read_bytes()
     report = json.loads((out / "download_report.json").read_text())
     assert report["failures"] == []
+    assert report["settings"]["counts"] == {"train": 3, "index": 1, "test": 1} and report["settings"]["base_url"] == url
     assert report["checks"]["train_clean.csv"] == {
         "listed": 10, "present": 9, "missing": 1, "missing_list": str(out / "train_clean_missing.txt")}
     assert (out / "train_clean_missing.txt").read_text().split() == [MISSING_ID]

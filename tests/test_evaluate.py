@@ -265,6 +265,8 @@ def test_format_table_and_cli(tmp_path, shared_data, capsys):
     cut = evaluate(g, ranks[:100])
     assert json.loads(out.read_text())["H"]["mAP"] == pytest.approx(cut["H"]["mAP"], abs=1e-9)
     assert set(json.loads(out.read_text())) == {"E", "M", "H"}  # the layout, nothing else at the top
+    out = main(["--gnd", str(g.source), "--ranks", str(tmp_path / "global.npz"), f"output_dir={tmp_path / 'ev'}"])
+    assert out == tmp_path / "ev" / "evaluation.json" and json.loads(out.read_text())["H"] is not None
     with pytest.raises(SystemExit, match=r"^error: .*nope\.pkl"):  # a missing ground truth: one line
         main(["--gnd", str(tmp_path / "nope.pkl"), "--ranks", str(tmp_path / "ranks.npy")])
     table = format_table({"global": res, "folders": {"E": res["E"], "M": res["M"], "H": None}}, title="T")

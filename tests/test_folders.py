@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -25,7 +26,7 @@ def test_real_folders_against_manifest(shared_data):
     rows = _manifest(shared_data)
     landmark_of = {r["path"].removeprefix("images/"): r["landmark"] for r in rows if r["path"].startswith("images/")}
     ds = load_folders(shared_data / "images")
-    assert ds.name == "folders-images" and ds.n_distractors == 0
+    assert re.fullmatch(r"folders-images-[0-9a-f]{6}", ds.name) and ds.n_distractors == 0
     assert sorted(ds.db_names) == sorted(landmark_of) and len(ds.db_names) == 45
     assert ds.query_names == ds.db_names  # every landmark has 2+ photos, so every photo is a query
     assert len(set(landmark_of.values())) == 8
@@ -46,7 +47,7 @@ def test_real_folders_with_distractors(shared_data):
                       if r["path"].startswith("images_distractors/"))
     ds = load_folders(shared_data / "images", shared_data / "images_distractors")
     assert ds.n_distractors == 16 and ds.n_db == 61 and ds.n_queries == 45
-    assert ds.db_names[45:] == expected and ds.name == "folders-images+distractors-16"
+    assert ds.db_names[45:] == expected and re.fullmatch(r"folders-images-[0-9a-f]{6}\+distractors-16-[0-9a-f]{6}", ds.name)
     assert len(set(ds.db_names)) == ds.n_db and ds.gnd.n_db == 45
     assert all(p.is_file() for p in ds.db_paths)
     assert "distractors" in ds.notes
@@ -110,8 +111,24 @@ def test_load_dataset_folders_and_unknown(shared_data):
     conf = load_config(None, ["dataset.type=folders", f"dataset.root={shared_data / 'images'}",
                               f"dataset.distractors={shared_data / 'images_distractors'}"])
     ds = load_dataset(conf)
-    assert ds.name == "folders-images+distractors-16" and ds.n_db == 61
+    assert re.fullmatch(r"folders-images-[0-9a-f]{6}\+distractors-16-[0-9a-f]{6}", ds.name) and ds.n_db == 61
     with pytest.raises(ConfigError, match="dataset.root"):
         load_dataset(load_config(None, ["dataset.type=folders"]))
     with pytest.raises(ConfigError, match="valid types: minibench, revisitop, folders"):
         load_dataset(load_config(None, ["dataset.type=gldv2"]))
+
+
+def test_same_folder_name_elsewhere_is_another_dataset(tmp_path: Path) -> None:
+    """Features are kept per dataset name: two photo folders called 'photos' must not share a store."""
+    from PIL import Image
+
+    names = []
+    for parent in ("a", "b"):
+        for lm in ("x", "y"):
+            for k in range(2):
+                p = tmp_path / parent / "photos" / lm / f"{k}.jpg"
+                p.parent.mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (8, 8), (k * 50, 0, 0)).save(p)
+        names.append(load_folders(tmp_path / parent / "photos").name)
+    assert names[0] != names[1] and all(n.startswith("folders-photos-") for n in names)
+    assert load_folders(tmp_path / "a" / "photos").name == names[0]  # stable for the same folder

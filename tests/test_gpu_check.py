@@ -129,6 +129,7 @@ def test_kornia_stages_skipped_when_environment_lacks_kornia(tmp_path: Path, mon
         (["output_dir=runs/x", "tiny=true"], str(Path("runs/x") / "gpu_check.json"), True, "auto"),
         (["tiny=false", "device=cpu", "--out", "k=v.json"], "k=v.json", False, "cpu"),
         (["--output_dir", "d", "--device", "cuda"], str(Path("d") / "gpu_check.json"), False, "cuda"),
+        (["overwrite=true", "progress=false"], "gpu_check.json", False, "auto"),  # accepted as everywhere
     ],
 )
 def test_parse_args_flags_and_key_value(argv: list[str], out: str, tiny: bool, device: str) -> None:
@@ -137,7 +138,7 @@ def test_parse_args_flags_and_key_value(argv: list[str], out: str, tiny: bool, d
 
 
 @pytest.mark.parametrize("argv", [["colour=red"], ["tiny=maybe"], ["device=tpu"], ["stray"], ["--bogus"],
-                                  ["--out", "a.json", "output_dir=d"]])
+                                  ["--out", "a.json", "output_dir=d"], ["overwrite=maybe"]])
 def test_parse_args_rejects(argv: list[str]) -> None:
     with pytest.raises(SystemExit):
         gpu_check.parse_args(argv)

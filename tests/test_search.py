@@ -189,6 +189,26 @@ def test_ivfpq_refine_restores_recall(tmp_path):
     np.testing.assert_array_equal(np.load(main(conf, ds)), refined)
 
 
+def test_refine_rebuilt_around_another_base_searches_the_same() -> None:
+    """What to_gpu does with an IndexRefine (FAISS cannot clone one to the GPU): the IVF-PQ goes to the device,
+    the 8-bit copy stays.  Here the 'device copy' is a CPU clone, so results must be identical."""
+    import faiss
+
+    from delg.search import new_index, refine_on
+
+    X = clustered(np.random.default_rng(5), 3000, 32)
+    index = new_index(32, "ivfpq", 3000, nlist=16, m=8, nbits=6, refine=3)
+    index.train(X)
+    index.add(X)
+    faiss.extract_index_ivf(index).nprobe = 8
+    moved = refine_on(faiss.clone_index(faiss.downcast_index(index.base_index)), index)
+    assert moved.k_factor == 3 and moved.ntotal == 3000
+    d0, i0 = index.search(X[:20], 10)
+    d1, i1 = moved.search(X[:20], 10)
+    np.testing.assert_array_equal(i0, i1)
+    np.testing.assert_allclose(d0, d1)
+
+
 def test_bad_settings(tmp_path):
     conf, ds, _, _ = make_case(tmp_path, 300, 2, 32, 8, (), "search.index=ivfpq", "search.m=5")
     with pytest.raises(SearchError, match="search.m"):

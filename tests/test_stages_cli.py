@@ -38,7 +38,8 @@ def test_rerank_stage_alone_on_a_fresh_folder(tiny_bench: Path, tmp_path: Path) 
 
 def test_scripts_report_bad_input_in_one_line(tmp_path: Path) -> None:
     cases = [
-        (["bash", str(REPO / "perform_retrieval.sh"), "search.depth=10"], "nearest valid key"),
+        (["bash", str(REPO / "perform_retrieval.sh"), "search.depth=10"], "ranks.depth"),
+        (["bash", str(REPO / "perform_retrieval.sh"), "rerank.topk=10"], "nearest valid key"),
         (["bash", str(REPO / "extract_features.sh"), "dataset.type=folders", "dataset.root=no/such/dir"],
          "no/such/dir"),
         (["bash", str(REPO / "train_delg.sh"), "train.epochz=1"], "'train.epochs'"),

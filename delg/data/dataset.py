@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import sys
@@ -56,6 +57,12 @@ class RetrievalDataset:
     @property
     def n_queries(self) -> int:
         return len(self.query_paths)
+
+
+def folder_tag(root: str | Path) -> str:
+    """6 hex digits of the folder's absolute path: two different folders of the same name get different dataset
+    names, hence different feature stores (features are kept per dataset name and image name)."""
+    return hashlib.sha1(str(Path(root).resolve()).encode()).hexdigest()[:6]
 
 
 def safe_name(text: str) -> str:
@@ -110,7 +117,7 @@ def add_distractors(ds: RetrievalDataset, root: str | Path, progress: bool = Fal
     notes = dict(ds.notes, distractors=f"{len(paths)} images from {root}, database only (negatives)")
     return replace(
         ds,
-        name=f"{ds.name}+distractors-{len(paths)}",
+        name=f"{ds.name}+distractors-{len(paths)}-{folder_tag(root)}",
         db_paths=ds.db_paths + paths,
         db_names=ds.db_names + names,
         n_distractors=ds.n_distractors + len(paths),

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from delg.data.dataset import RetrievalDataset, add_distractors, safe_name
+from delg.data.dataset import RetrievalDataset, add_distractors, folder_tag, safe_name
 from delg.data.images import IMAGE_EXTENSIONS, list_images
 from delg.data.revisitop import GroundTruth, QueryGroundTruth
 
@@ -74,7 +74,7 @@ def load_folders(root: str | Path, distractors: str | Path | None = None, progre
             bbx=None,
         ))
     qnames = [names[i] for i in query_ids]
-    g = GroundTruth(name=safe_name(f"folders-{root.resolve().name}"), imlist=names, qimlist=qnames, gnd=gnd,
+    g = GroundTruth(name=safe_name(f"folders-{root.resolve().name}-{folder_tag(root)}"), imlist=names, qimlist=qnames, gnd=gnd,
                     source=root, format="folders")
     notes = {
         "source": f"photo folders {root} ({len(members)} landmarks with 2+ images)",
