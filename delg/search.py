@@ -11,7 +11,7 @@ Outputs (``main``), under ``<output_dir>/ranks/``:
 the index settings and DBA; it is rebuilt whenever one of them changes.  Database vectors are read and added in
 chunks of ``search.chunk`` and queries searched in chunks of ``search.query_chunk``, so no (n_db, n_queries)
 similarity matrix is ever held: +R1M runs in the memory of the index itself (8 GB flat at 1M x 2048 float32;
-IVF-PQ with m=64, nbits=8 needs 64 bytes per image).  DBA holds two indexes while it runs.
+IVF-PQ with m=64, nbits=8 needs 64 bytes per image, plus d bytes for the 8-bit copy of ``search.refine``).  DBA holds two indexes while it runs.
 
     python -m delg.search --config configs/demo.yaml [search.index=ivfpq] [search.qe_k=2]
 """
@@ -201,13 +201,20 @@ class DatabaseIndex:
     key: str
     path: Path | None
 
-    def search(self, queries: np.ndarray, depth: int, chunk: int = 1024, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(Q, D) -> ``ids`` (Q, k) dataset db indices and ``scores`` (Q, k), ``k = min(depth, n_db)``; rows past the
-        images with features (or past IVF results) hold the remaining db indices in order, score ``-inf``."""
-        if nprobe is not None:
-            ivf = _ivf(self.index)
+    def set_search_params(self, nprobe: int, refine: float) -> None:
+        """The search-time settings of IVF-PQ (lists probed) and of its re-scoring (``refine * k`` candidates), on
+        the searching copy and the saved one alike; they are not part of the index, so a cached index gets them too.
+        A GPU IVF index is not an ``IndexIVF`` on the Python side: it took ``nprobe`` from the CPU copy when cloned."""
+        for index in (self.index, self.cpu_index):
+            ivf = _ivf(index)
             if ivf is not None:
                 ivf.nprobe = int(nprobe)
+            if isinstance(index, faiss.IndexRefine):
+                index.k_factor = float(refine)
+
+    def search(self, queries: np.ndarray, depth: int, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+        """(Q, D) -> ``ids`` (Q, k) dataset db indices and ``scores`` (Q, k), ``k = min(depth, n_db)``; rows past the
+        images with features (or past IVF results) hold the remaining db indices in order, score ``-inf``."""
         k = min(depth, self.n_db)
         kk = min(k, len(self.present))
         if kk > 0:
@@ -338,9 +345,7 @@ def get_index(conf: Config, dataset: Any) -> DatabaseIndex:
             tmp.replace(path)
     ivf = _ivf(cpu)
     if ivf is not None:
-        ivf.nprobe = int(conf.search.nprobe)
-    if isinstance(cpu, faiss.IndexRefine):
-        cpu.k_factor = float(conf.search.refine)  # a search-time setting: the saved value may be another run's
+        ivf.nprobe = int(conf.search.nprobe)  # before a GPU clone, which copies it
     idx = cpu
     if _use_gpu(conf.search.gpu):
         try:
@@ -377,6 +382,7 @@ def rank(db: DatabaseIndex, queries: np.ndarray, conf: Config) -> tuple[np.ndarr
     depth, chunk = int(conf.ranks.depth), int(sc.query_chunk)
     if depth < 1:
         raise SearchError(f"ranks.depth: need a positive depth, got {depth}")
+    db.set_search_params(int(sc.nprobe), float(sc.refine or 0))
     qe_k = int(sc.qe_k or 0)
     if qe_k > 0:
         ivf = _ivf(db.cpu_index)
@@ -387,7 +393,7 @@ def rank(db: DatabaseIndex, queries: np.ndarray, conf: Config) -> tuple[np.ndarr
         ok = ix >= 0
         ix, sims = np.where(ok, ix, 0), np.where(ok, sims, 0)
         queries = alpha_qe(queries, _reconstruct(db.cpu_index, ix), sims, float(sc.alpha))
-    ids, scores = db.search(queries, depth, chunk, int(sc.nprobe))
+    ids, scores = db.search(queries, depth, chunk)
     return np.ascontiguousarray(ids.T), np.ascontiguousarray(scores.T)
 
 
@@ -437,6 +443,7 @@ def main(conf: Config, dataset: Any = None) -> Path:
         "n_queries": len(dataset.query_names),
         "depth": min(int(conf.ranks.depth), db.n_db),
         "nprobe": int(sc.nprobe) if sc.index == "ivfpq" else None,
+        "refine": float(sc.refine or 0) if sc.index == "ivfpq" else None,  # search-time: not in the index key
         "qe_k": int(sc.qe_k or 0),
         "dba_k": int(sc.dba_k or 0),
         "alpha": float(sc.alpha),

@@ -187,6 +187,9 @@ def test_ivfpq_refine_restores_recall(tmp_path):
     for f in (tmp_path / "refine" / "ranks").glob("global*"):
         f.unlink()
     np.testing.assert_array_equal(np.load(main(conf, ds)), refined)
+    conf.search.refine = 2.0  # a search-time change: the same (cached) index, searched again with fewer candidates
+    fewer = recall(np.load(main(conf, ds)))
+    assert len(list((tmp_path / "refine").glob("**/*.faiss"))) == 1 and plain < fewer < recall(refined)
 
 
 def test_refine_rebuilt_around_another_base_searches_the_same() -> None:
