@@ -74,6 +74,30 @@ def test_unknown_loss_is_clear():
         DELGLoss({"global": "triplet"})
 
 
+
+@pytest.mark.parametrize("key,value", [("supcon_weight", -1.0), ("ce_weight", float("nan")),
+                                       ("attention_weight", "high"), ("reconstruction_weight", True),
+                                       ("supcon_temperature", 0.0), ("local", "yes")])
+def test_loss_settings_are_range_checked(key: str, value: object):
+    with pytest.raises(LossConfigError, match=f"loss.{key} must be"):
+        DELGLoss({"global": "ce+supcon", key: value})
+
+
+@pytest.mark.parametrize("override,key", [("train.lr=0", "lr"), ("train.epochs=0", "epochs"),
+                                          ("train.batch_size=1", "batch_size"), ("train.warmup_epochs=-1",
+                                                                                 "warmup_epochs"),
+                                          ("train.images_per_class=0", "images_per_class"),
+                                          ("train.clip_grad_norm=0", "clip_grad_norm"),
+                                          ("loss.supcon_weight=-0.001", "supcon_weight")])
+def test_train_settings_checked_before_any_work(tmp_path: Path, override: str, key: str):
+    """A bad setting stops the trainer before it reads any data (the label file here does not exist)."""
+    conf = load_config(REPO / "configs" / "train_supcon.yaml",
+                       [f"train.csv={tmp_path / 'missing.csv'}", f"train.images={tmp_path}", "train.data=gldv2",
+                        f"output_dir={tmp_path / 'o'}", override])
+    with pytest.raises((TrainConfigError, LossConfigError), match=rf"\.{key} must be"):
+        train_main(conf)
+    assert not (tmp_path / "o").exists()
+
 def test_local_losses_do_not_reach_backbone():
     m = DELG("efficientnet_lite0", pretrained=False, num_classes=3).train()
     x, y = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 0])
