@@ -74,6 +74,30 @@ def test_unknown_loss_is_clear():
         DELGLoss({"global": "triplet"})
 
 
+
+@pytest.mark.parametrize("key,value", [("supcon_weight", -1.0), ("ce_weight", float("nan")),
+                                       ("attention_weight", "high"), ("reconstruction_weight", True),
+                                       ("supcon_temperature", 0.0), ("local", "yes")])
+def test_loss_settings_are_range_checked(key: str, value: object):
+    with pytest.raises(LossConfigError, match=f"loss.{key} must be"):
+        DELGLoss({"global": "ce+supcon", key: value})
+
+
+@pytest.mark.parametrize("override,key", [("train.lr=0", "lr"), ("train.epochs=0", "epochs"),
+                                          ("train.batch_size=1", "batch_size"), ("train.warmup_epochs=-1",
+                                                                                 "warmup_epochs"),
+                                          ("train.images_per_class=0", "images_per_class"),
+                                          ("train.clip_grad_norm=0", "clip_grad_norm"),
+                                          ("loss.supcon_weight=-0.001", "supcon_weight")])
+def test_train_settings_checked_before_any_work(tmp_path: Path, override: str, key: str):
+    """A bad setting stops the trainer before it reads any data (the label file here does not exist)."""
+    conf = load_config(REPO / "configs" / "train_supcon.yaml",
+                       [f"train.csv={tmp_path / 'missing.csv'}", f"train.images={tmp_path}", "train.data=gldv2",
+                        f"output_dir={tmp_path / 'o'}", override])
+    with pytest.raises((TrainConfigError, LossConfigError), match=rf"\.{key} must be"):
+        train_main(conf)
+    assert not (tmp_path / "o").exists()
+
 def test_local_losses_do_not_reach_backbone():
     m = DELG("efficientnet_lite0", pretrained=False, num_classes=3).train()
     x, y = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 0])
@@ -246,6 +270,31 @@ def test_backbone_lr_mult_groups():
     assert mult[id(model.global_head.fc.weight)] == 1.0 and mult[id(model.arcface.weight)] == 1.0
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
+
+def test_seed_config_follows_the_seed_recipe():
+    """configs/paper/seed_r50_delg_s512.yaml is the seed's CE + SupCon run (its configs/resnet_delg_consup.yaml):
+    SupCon weight 0.001, 224 px, batch 32, lr 0.001 with 5 warm-up epochs then cosine, 200 epochs of the seed's
+    41 steps, no gradient clipping, BatchNorm training, unbalanced (shuffled) batches."""
+    conf = load_config(REPO / "configs" / "paper" / "seed_r50_delg_s512.yaml")
+    t, loss = conf.train, conf.loss
+    assert loss["global"] == "ce+supcon" and loss["supcon_weight"] == 0.001 and loss["ce_weight"] == 1.0
+    assert loss["supcon_temperature"] == 0.07
+    assert (t.image_size, t.batch_size, t.lr, t.epochs, t.warmup_epochs) == (224, 32, 0.001, 200, 5)
+    assert (t.max_steps_per_epoch, t.images_per_class, t.momentum, t.nesterov, t.weight_decay) == (41, 1, 0.9, True,
+                                                                                                    1e-4)
+    assert t.clip_grad_norm is None and t.freeze_bn is False and t.val_fraction == 0
+    assert (conf.model.arcface_margin, conf.model.arcface_scale) == (0.15, 30.0)
+    # The per-step schedule against pycls' per-epoch one (warm-up from 0.1x over 5 epochs, cosine over all 200):
+    # within 0.023x the base lr after warm-up, as the config's comment says.
+    spe, n_ep, wu = int(t.max_steps_per_epoch), int(t.epochs), int(t.warmup_epochs)
+
+    def pycls(e: int) -> float:
+        f = 0.5 * (1 + math.cos(math.pi * e / n_ep))
+        return f * (0.1 + 0.9 * e / wu if e < wu else 1.0)
+
+    gap = max(abs(lr_factor(e * spe + s, spe * n_ep, wu * spe) - pycls(e)) for e in range(wu, n_ep) for s in range(spe))
+    assert 0.02 < gap < 0.0231
+    assert lr_factor(spe * n_ep - 1, spe * n_ep, wu * spe) < 1e-6  # decays to 0 at the end, as pycls' cosine
 
 @pytest.mark.slow
 def test_finetune_from_seed_pycls_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -6,10 +6,12 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -22,38 +24,127 @@ class LossConfigError(ProjectError, ValueError):
     """An unknown loss name or a bad weight; the message names the key."""
 
 
-def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
-    """Supervised contrastive loss (Khosla et al. 2020, the "L_out" form).
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _GatherRows(torch.autograd.Function):
+    """All ranks' (n_r, D) rows concatenated in rank order, (sum n_r, D); ranks may hold different n_r.
+
+    Backward sums the gradient of the concatenation over ranks (every rank's loss depends on every rank's rows)
+    and hands each rank the rows of its own part, so gradients reach each embedding through the rank that
+    computed it, from every rank's anchors.  ``dist.all_gather`` alone carries no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, sizes: list[int], rank: int) -> torch.Tensor:  # type: ignore[override]
+        width = max(sizes)
+        pad = x.new_zeros((width, *x.shape[1:]))
+        pad[: x.shape[0]] = x
+        parts = [torch.empty_like(pad) for _ in sizes]
+        dist.all_gather(parts, pad.contiguous())
+        ctx.sizes, ctx.rank = sizes, rank
+        return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        start = sum(ctx.sizes[: ctx.rank])
+        return grad[start:start + ctx.sizes[ctx.rank]], None, None
+
+
+def gather_rows(x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Every rank's rows and labels, concatenated in rank order; gradients flow back to each rank's own rows.
+
+    Args:
+        x: (n, D) this rank's rows.
+        labels: (n,) their classes.
+
+    Returns:
+        ((N, D) all rows, (N,) all labels, offset of this rank's first row in them); without a process group of
+        more than one rank, ``(x, labels, 0)``.
+    """
+    rank, world = _world()
+    if world == 1:
+        return x, labels, 0
+    n = torch.tensor([x.shape[0]], device=x.device, dtype=torch.int64)
+    counts = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(counts, n)
+    sizes = [int(c) for c in counts]
+    all_x = _GatherRows.apply(x, sizes, rank)
+    all_labels = _GatherRows.apply(labels[:, None], sizes, rank)[:, 0]
+    return all_x, all_labels, sum(sizes[:rank])
+
+
+def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07,
+                gather: bool = True) -> torch.Tensor:
+    """Supervised contrastive loss (Khosla et al. 2020, the "L_out" form), over the global batch under DDP.
 
     For each anchor ``i`` with positives ``P(i)`` (same label, not ``i``) and ``A(i)`` all samples but ``i``:
     ``l_i = -1/|P(i)| * sum_{p in P(i)} log( exp(z_i.z_p / t) / sum_{a in A(i)} exp(z_i.z_a / t) )``;
     the loss is the mean of ``l_i`` over anchors that have at least one positive.
 
+    With a process group of ``W > 1`` ranks (and ``gather``), the samples are those of all ranks: this rank's
+    rows are the anchors, contrasted against every rank's rows, and it returns
+    ``W / (anchors with a positive, all ranks) * sum of its anchors' l_i``.  The mean of that over ranks is the
+    loss of one process over the global batch, and so is the gradient once DDP has averaged it over ranks (the
+    gather's backward brings each embedding the gradient of every rank's anchors).  Without gathering, an
+    anchor would only see its own rank's share of the batch: fewer negatives, and positives split off to other
+    ranks lost.
+
     Args:
         features: (N, D) descriptors (normalised here), all views stacked.
         labels: (N,) int class of every row.
         temperature: ``t``.
+        gather: contrast against all ranks' rows (ignored without a process group).
 
     Returns:
         scalar tensor (0 with a gradient when no anchor has a positive).
     """
     z = F.normalize(features.float(), dim=1)
     n = z.shape[0]
-    logits = z @ z.t() / temperature
-    self_mask = torch.eye(n, dtype=torch.bool, device=z.device)
+    _, world = _world() if gather else (0, 1)
+    if world > 1:
+        z_all, labels_all, offset = gather_rows(z, labels)
+    else:
+        z_all, labels_all, offset = z, labels, 0
+    logits = z @ z_all.t() / temperature  # (n, N): this rank's anchors against the global batch
+    self_mask = torch.zeros_like(logits, dtype=torch.bool)
+    self_mask[torch.arange(n, device=z.device), offset + torch.arange(n, device=z.device)] = True
     logits = logits.masked_fill(self_mask, float("-inf"))
     log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-    pos = (labels[:, None] == labels[None, :]) & ~self_mask
+    pos = (labels[:, None] == labels_all[None, :]) & ~self_mask
     n_pos = pos.sum(1)
     has = n_pos > 0
-    if not bool(has.any()):
+    n_has = has.sum()
+    if world > 1:
+        n_has = n_has.clone()
+        dist.all_reduce(n_has)  # anchors with a positive over the global batch
+    if int(n_has) == 0:
         return features.sum() * 0.0
     per_anchor = -(log_prob.masked_fill(~pos, 0.0)).sum(1)[has] / n_pos[has]
-    return per_anchor.mean()
+    return per_anchor.sum() * world / n_has.to(per_anchor.dtype)
+
+
+def _number(conf: Mapping[str, Any], key: str, default: float, positive: bool = False) -> float:
+    """``conf[key]`` as a finite float >= 0 (> 0 with ``positive``); otherwise a LossConfigError naming the key."""
+    v = conf.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (positive and v == 0):
+        raise LossConfigError(f"loss.{key} must be a finite number {'> 0' if positive else '>= 0'}, got {v!r}")
+    return float(v)
 
 
 class DELGLoss(nn.Module):
-    """Weighted sum of the configured global loss and (optionally) the local losses."""
+    """Weighted sum of the configured global loss and (optionally) the local losses.
+
+    Every weight and the temperature are checked when it is built (the trainer builds it before any work).
+    Under DDP the SupCon part a rank returns is its share of the global-batch loss (see :func:`supcon_loss`):
+    its mean over ranks, which the trainer logs, is the global-batch loss.
+    """
 
     def __init__(self, conf: Mapping[str, Any]) -> None:
         super().__init__()
@@ -62,14 +153,15 @@ class DELGLoss(nn.Module):
             raise LossConfigError(f"loss.global: unknown loss '{g}'; valid: {', '.join(GLOBAL_LOSSES)}")
         self.use_ce = "ce" in g.split("+")
         self.use_supcon = "supcon" in g.split("+")
-        self.ce_weight = float(conf.get("ce_weight", 1.0))
-        self.supcon_weight = float(conf.get("supcon_weight", 1.0))
-        self.temperature = float(conf.get("supcon_temperature", 0.07))
-        if self.temperature <= 0:
-            raise LossConfigError(f"loss.supcon_temperature must be > 0, got {self.temperature}")
-        self.local = bool(conf.get("local", True))
-        self.attention_weight = float(conf.get("attention_weight", 1.0))
-        self.reconstruction_weight = float(conf.get("reconstruction_weight", 10.0))
+        self.ce_weight = _number(conf, "ce_weight", 1.0)
+        self.supcon_weight = _number(conf, "supcon_weight", 1.0)
+        self.temperature = _number(conf, "supcon_temperature", 0.07, positive=True)
+        local = conf.get("local", True)
+        if not isinstance(local, bool):
+            raise LossConfigError(f"loss.local must be true or false, got {local!r}")
+        self.local = local
+        self.attention_weight = _number(conf, "attention_weight", 1.0)
+        self.reconstruction_weight = _number(conf, "reconstruction_weight", 10.0)
 
     @property
     def needs_two_views(self) -> bool:
