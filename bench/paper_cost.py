@@ -44,13 +44,17 @@ def synthetic_image(w: int, h: int, seed: int = 0) -> torch.Tensor:
 
 
 def timed_flops(fn: Any) -> tuple[float, float]:
-    """(seconds of one call after a warm-up call, FLOPs of one call)."""
+    """(seconds of one call after a warm-up call, FLOPs of one call).
+
+    The seconds are the process's CPU time divided by torch's thread count: what the call takes on idle cores,
+    robust to other processes sharing the machine (wall-clock time is not, on a busy 2-core machine).
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
     fn()
-    t0 = time.perf_counter()
+    c0 = time.process_time()
     fn()
-    sec = time.perf_counter() - t0
+    sec = (time.process_time() - c0) / torch.get_num_threads()
     with FlopCounterMode(display=False) as fc:
         fn()
     return sec, float(fc.get_total_flops())
