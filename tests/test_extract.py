@@ -492,6 +492,12 @@ def test_forgotten_checkpoint_is_an_error(tmp_path):
         preset_name(conf)  # what search / rerank / retrieve resolve their stores with
     with pytest.raises(ConfigError, match=r"model\.checkpoint"):
         load_model(conf)
+    from delg import retrieve, search
+
+    for stage in (search.main, retrieve.main):
+        with pytest.raises(ConfigError, match=r"model\.checkpoint"):
+            stage(_conf(tmp_path / "never", "model.pretrained=false"))
+    assert not (tmp_path / "never").exists()
     ok = _conf(tmp_path, "model.pretrained=false", "model.random_weights=true")
     assert "-random-" in preset_name(ok)
 
