@@ -3,8 +3,11 @@
 For every image (queries cropped to their bbx), resized so its long side is at most ``extract.max_size``, the
 model runs once per scale of ``extract.scales``; scales of ``extract.global_scales`` ask for both heads (the
 stride-16 map is shared), the others stop the backbone at stride 16.  The global descriptor is the L2-normalised
-sum of the per-scale ones; local features are the top ``max_keypoints`` by attention over all scales, their
-receptive-field centres mapped back to pixels of the (cropped) original image.
+sum of the per-scale ones (``extract.global_aggregation``: each L2-normalised first, as DELG, or raw, as the seed);
+local features are the top ``max_keypoints`` by attention over all scales (optionally the seed's halving threshold
+and box NMS), their receptive-field centres mapped back to pixels of the (cropped) original image.  The image is
+fed in the colour order and normalisation of the model's weights (``model.input_colour``: 'bgr' for pycls/seed
+checkpoints and their fine-tunes), resized as ``extract.resize`` says.
 
 Outputs, under ``<output_dir>/features/<dataset>/``:
     ``<preset>-db.h5``, ``<preset>-query.h5``  the stores (``delg.store``); ``query_full`` when queries are not cropped
@@ -50,6 +53,10 @@ class ExtractError(ProjectError, ValueError):
 
 
 # ---------------------------------------------------------------------------------------------- settings, names
+GLOBAL_AGGREGATIONS = ("l2_per_scale", "sum")
+RESIZES = ("antialias", "cv2_bilinear")
+
+
 @dataclass(frozen=True)
 class ExtractSettings:
     scales: tuple[float, ...]
@@ -58,6 +65,11 @@ class ExtractSettings:
     local: bool
     max_keypoints: int
     attention_threshold: float
+    # Defaults = the behaviour before these keys existed (scripts that build settings by hand keep it).
+    global_aggregation: str = "l2_per_scale"
+    resize: str = "antialias"
+    threshold_halve_until: int = 0
+    nms_iou: float = 0.0
 
     @classmethod
     def from_conf(cls, conf: Config) -> ExtractSettings:
@@ -73,6 +85,22 @@ class ExtractSettings:
                 raise ExtractError(f"extract.global_scales: {g} is not one of extract.scales {list(scales)}")
         if x.max_keypoints is None or int(x.max_keypoints) < 1:
             raise ExtractError(f"extract.max_keypoints: need a positive integer, got {x.max_keypoints}")
+        agg, resize = str(x.get("global_aggregation", "l2_per_scale")), str(x.get("resize", "antialias"))
+        if agg not in GLOBAL_AGGREGATIONS:
+            raise ExtractError(f"extract.global_aggregation: '{agg}' is not one of {', '.join(GLOBAL_AGGREGATIONS)}")
+        if resize not in RESIZES:
+            raise ExtractError(f"extract.resize: '{resize}' is not one of {', '.join(RESIZES)}")
+        halve = x.get("threshold_halve_until", 0)
+        if halve is None or isinstance(halve, bool) or not isinstance(halve, int) or halve < 0:
+            raise ExtractError(f"extract.threshold_halve_until: need an integer >= 0 (0 = off), got {halve!r}")
+        nms = x.get("nms_iou", 0.0)
+        if nms is None or isinstance(nms, bool) or not isinstance(nms, int | float) or not 0.0 <= float(nms) <= 1.0:
+            raise ExtractError(f"extract.nms_iou: need a number in [0, 1] (0 = off), got {nms!r}")
+        thr = x.attention_threshold
+        if thr is not None and (isinstance(thr, bool) or not isinstance(thr, int | float) or not np.isfinite(thr)):
+            raise ExtractError(f"extract.attention_threshold: need a finite number or null, got {thr!r}")
+        if halve and (thr is None or float(thr) <= 0):
+            raise ExtractError("extract.threshold_halve_until: needs a positive extract.attention_threshold to halve")
         return cls(
             scales=scales,
             global_scales=gscales,
@@ -80,13 +108,61 @@ class ExtractSettings:
             local=bool(x.local),
             max_keypoints=int(x.max_keypoints),
             attention_threshold=float(x.attention_threshold if x.attention_threshold is not None else -np.inf),
+            global_aggregation=agg,
+            resize=resize,
+            threshold_halve_until=int(halve),
+            nms_iou=float(nms),
         )
 
     def is_global(self, s: float) -> bool:
         return any(abs(s - g) < SCALE_TOL for g in self.global_scales)
 
 
-MODEL_KEYS = ("backbone", "pretrained", "global_dim", "local_dim", "gem_p", "checkpoint")
+MODEL_KEYS = ("backbone", "pretrained", "global_dim", "local_dim", "gem_p", "checkpoint", "random_weights")
+
+
+def check_weights(conf: Config) -> None:
+    """Retrieval needs real weights: ``model.pretrained: false`` without ``model.checkpoint`` would run a random
+    network without a word (a forgotten checkpoint), so it is an error unless ``model.random_weights: true`` says
+    random weights are meant (tests, speed checks).  Training from scratch does not come through here."""
+    m = conf.model
+    if not m.get("checkpoint") and not m.get("pretrained", True) and not m.get("random_weights", False):
+        raise ConfigError(
+            "model.checkpoint: not set while model.pretrained is false, so the model would have random weights; "
+            "give model.checkpoint=PATH (or model.pretrained=true for ImageNet weights, or "
+            "model.random_weights=true if random weights are really meant)"
+        )
+
+
+@lru_cache(maxsize=8)
+def _checkpoint_conventions(path: str, digest: str) -> dict[str, Any]:
+    """Input colour, normalisation and attention variant recorded by a checkpoint (``digest`` keys the cache)."""
+    from delg.model.checkpoints import read_model_checkpoint
+    from delg.model.delg import default_stats
+
+    meta, _ = read_model_checkpoint(path)
+    # The same defaults as delg.model.model_from_meta: files written before these keys are RGB / 'recon'.
+    colour = meta.get("input_colour", "rgb")
+    mean, std = default_stats(colour)
+    return {
+        "input_colour": colour,
+        "mean": [float(v) for v in meta.get("mean") or mean],
+        "std": [float(v) for v in meta.get("std") or std],
+        "attention_input": meta.get("attention_input", "recon") if meta.get("local_arch", "delg") == "delg" else None,
+    }
+
+
+def model_conventions(conf: Config) -> dict[str, Any]:
+    """How the configured model's weights want their input (colour order, mean/std) and which attention variant
+    its local head runs: part of the extraction identity, so stores made before these were honoured (or with a
+    model that differs only in them) are never reused."""
+    from delg.model.delg import default_stats
+
+    ck = conf.model.get("checkpoint")
+    if ck and Path(ck).is_file():
+        return dict(_checkpoint_conventions(str(Path(ck).resolve()), _file_digest(str(Path(ck).resolve()))))
+    mean, std = default_stats("rgb")  # timm / ImageNet weights (or random ones) are RGB
+    return {"input_colour": "rgb", "mean": list(mean), "std": list(std), "attention_input": "block3"}
 
 
 @lru_cache(maxsize=8)
@@ -100,8 +176,10 @@ def _file_digest(path: str) -> str:
 
 def extraction_settings(conf: Config, split: str | None = None) -> dict[str, Any]:
     """Everything that changes the stored features: recorded in the store and hashed into the preset name."""
+    check_weights(conf)
     xs = ExtractSettings.from_conf(conf)
     model = {k: conf.model.get(k) for k in MODEL_KEYS}
+    model["random_weights"] = bool(model["random_weights"])
     if model["checkpoint"]:
         ckpt = Path(model["checkpoint"])
         if not ckpt.is_file():
@@ -110,6 +188,7 @@ def extraction_settings(conf: Config, split: str | None = None) -> dict[str, Any
         model["checkpoint"] = ckpt.name  # the content digest identifies it; the folder it sits in does not matter
     else:
         model["seed"] = conf.seed  # the untrained local head is randomly initialised from the seed
+    model.update(model_conventions(conf))
     out: dict[str, Any] = {
         "model": model,
         "scales": list(xs.scales),
@@ -117,10 +196,14 @@ def extraction_settings(conf: Config, split: str | None = None) -> dict[str, Any
         "max_size": xs.max_size,
         "local": xs.local,
         "float16": bool(conf.extract.float16),
+        "global_aggregation": xs.global_aggregation,
+        "resize": xs.resize,
     }
     if xs.local:
         out["max_keypoints"] = xs.max_keypoints
         out["attention_threshold"] = xs.attention_threshold
+        out["threshold_halve_until"] = xs.threshold_halve_until
+        out["nms_iou"] = xs.nms_iou
     if split is not None:
         out["split"] = split
     return out
@@ -198,6 +281,7 @@ def load_model(conf: Config) -> torch.nn.Module:
     """``build_model(conf.model)`` on the configured device; seeded, so untrained heads are reproducible."""
     from delg.model import build_model
 
+    check_weights(conf)
     torch.manual_seed(int(conf.seed))
     return build_model(conf.model).to(resolve_device(conf)).eval()
 
@@ -224,36 +308,125 @@ def rescale(x: torch.Tensor, scale: float) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=scale < 1)
 
 
+def rescale_cv2(image: np.ndarray, scale: float) -> np.ndarray:
+    """(H, W, 3) float32 -> (round(H*s), round(W*s), 3) with ``cv2.resize`` INTER_LINEAR (no antialiasing), as the
+    seed resizes each scale of its pyramid (the 0..255 image as float32)."""
+    import cv2
+
+    if abs(scale - 1.0) < SCALE_TOL:
+        return image
+    h, w = image.shape[:2]
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+
+
+def resize_max_side_cv2(im: Image.Image, max_side: int | None) -> np.ndarray:
+    """RGB PIL image -> (H, W, 3) uint8, long side at most ``max_side`` (never upscales; sizes as
+    :func:`delg.data.images.resize_max_side`), resized with ``cv2.resize`` INTER_LINEAR on the 8-bit image."""
+    import cv2
+
+    arr = np.asarray(im, dtype=np.uint8)
+    if not max_side or max(im.size) <= max_side:
+        return arr
+    s = max_side / max(im.size)
+    size = (max(1, round(im.width * s)), max(1, round(im.height * s)))
+    return cv2.resize(arr, size, interpolation=cv2.INTER_LINEAR)
+
+
 def _to_input(image: torch.Tensor, model: torch.nn.Module, device: torch.device) -> torch.Tensor:
-    """(3, H, W) uint8 or float in [0, 1] -> (1, 3, H, W) normalised float32 on ``device``."""
+    """(3, H, W) RGB uint8 or float in [0, 1] -> (1, 3, H, W) normalised float32 on ``device``, in the channel
+    order of the model's weights: a 'bgr' model (pycls / seed checkpoints) gets B, G, R, as cv2.imread gives."""
     x = image.to(device)
     x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    if getattr(model, "input_colour", "rgb") == "bgr":
+        x = x.flip(0)
     mean, std = _norm_consts(model, device)
     return (x[None] - mean) / std
 
 
+def nms_boxes(boxes: np.ndarray, scores: np.ndarray, iou: float, top_k: int) -> np.ndarray:
+    """Greedy box non-maximum suppression, as the seed's local selection.
+
+    Only the ``top_k`` highest scores are candidates; going down by score, a box is kept unless its IoU with an
+    already kept box exceeds ``iou``.  IoU uses areas ``(x1 - x0) * (y1 - y0)`` (no +1, as the seed).
+
+    Args:
+        boxes: (N, 4) float ``x0, y0, x1, y1``.
+        scores: (N,) float.
+        iou: suppression threshold in [0, 1].
+        top_k: number of candidates.
+
+    Returns:
+        (K,) int64 indices of the kept boxes, by decreasing score (ties: lower index first), K <= top_k.
+    """
+    order = np.argsort(-scores, kind="stable")[:top_k]
+    b = boxes[order].astype(np.float64)
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    alive = np.ones(len(order), bool)
+    keep = []
+    for i in range(len(order)):
+        if not alive[i]:
+            continue
+        keep.append(i)
+        rest = np.flatnonzero(alive[i + 1:]) + i + 1
+        if not len(rest):
+            break
+        w = np.clip(np.minimum(b[rest, 2], b[i, 2]) - np.maximum(b[rest, 0], b[i, 0]), 0, None)
+        h = np.clip(np.minimum(b[rest, 3], b[i, 3]) - np.maximum(b[rest, 1], b[i, 1]), 0, None)
+        inter = w * h
+        union = area[rest] + area[i] - inter
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ov = np.where(union > 0, inter / union, 0.0)
+        alive[rest[ov > iou]] = False
+    return order[np.asarray(keep, np.int64)].astype(np.int64)
+
+
+def _threshold_indices(sc: np.ndarray, threshold: float, halve_until: int) -> np.ndarray:
+    """Cells of one scale that pass the attention threshold.
+
+    ``halve_until == 0``: ``score >= threshold`` (DELG).  Otherwise the seed's rule: ``score > threshold``, the
+    threshold halved while fewer than ``halve_until`` cells pass, stopping once it would drop below 0.1.
+    """
+    if not halve_until:
+        return np.flatnonzero(sc >= threshold)
+    thr = threshold
+    while True:
+        idx = np.flatnonzero(sc > thr)
+        thr *= 0.5
+        if len(idx) >= halve_until or thr < 0.1:
+            return idx
+
+
 def select_local(
-    per_scale: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], max_keypoints: int, threshold: float
+    per_scale: Sequence[tuple[np.ndarray, ...]], max_keypoints: int, threshold: float,
+    halve_until: int = 0, nms_iou: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top ``max_keypoints`` by attention over all scales, ties broken by (scale, cell) order.
 
     Args:
-        per_scale: per scale ``(scores (M,), keypoints (M, 2) original pixels, descriptors (M, d))``.
+        per_scale: per scale ``(scores (M,), keypoints (M, 2) original pixels, descriptors (M, d))``, plus
+            ``boxes (M, 4)`` (receptive fields in original pixels, x0 y0 x1 y1) when ``nms_iou > 0``.
+        threshold, halve_until: per-scale attention threshold (see :func:`_threshold_indices`).
+        nms_iou: > 0: box NMS (:func:`nms_boxes`) over the top ``max_keypoints`` candidates, as the seed.
 
     Returns:
         ``keypoints (N, 2)``, ``descriptors (N, d)``, ``scores (N,)``, sorted by decreasing score.
     """
     kept = []
-    for sc, kp, de in per_scale:
-        idx = np.flatnonzero(sc >= threshold)
+    for entry in per_scale:
+        sc = entry[0]
+        idx = _threshold_indices(sc, threshold, halve_until)
         # The global top-k is inside the union of the per-scale top-k: cut each scale first to bound memory.
         idx = idx[np.argsort(-sc[idx], kind="stable")[:max_keypoints]]
         idx.sort()  # back to cell order so that the global stable sort breaks ties by (scale, cell)
-        kept.append((sc[idx], kp[idx], de[idx]))
+        kept.append([a[idx] for a in entry])
     sc = np.concatenate([k[0] for k in kept])
     kp = np.concatenate([k[1] for k in kept])
     de = np.concatenate([k[2] for k in kept])
-    order = np.argsort(-sc, kind="stable")[:max_keypoints]
+    if nms_iou > 0:
+        order = nms_boxes(np.concatenate([k[3] for k in kept]), sc, nms_iou, max_keypoints)
+    else:
+        order = np.argsort(-sc, kind="stable")[:max_keypoints]
     return kp[order].astype(np.float32), de[order].astype(np.float32), sc[order].astype(np.float32)
 
 
@@ -268,8 +441,9 @@ def extract_multiscale(
 
     Args:
         model: a :class:`delg.model.DELG` (or anything with ``extract``, ``keypoint_centers``, ``mean``, ``std``).
-        image: (3, H, W) uint8 (or float in [0, 1]) RGB, already limited to ``max_size``.
-        settings: scales, global scales, keypoint budget and threshold.
+        image: (3, H, W) uint8 (or float in [0, 1]) RGB, already limited to ``max_size`` (channels are put in the
+            model's ``input_colour`` order here).
+        settings: scales, global scales, aggregation, resize, keypoint budget and selection.
         orig_size: (w, h) of the image the keypoints refer to (before the ``max_size`` resize); default (W, H).
         mixed_precision: autocast on CUDA (ignored on CPU).
 
@@ -283,13 +457,21 @@ def extract_multiscale(
     ow, oh = orig_size if orig_size is not None else (w0, h0)
     gsum: torch.Tensor | None = None
     per_scale = []
+    if settings.resize == "cv2_bilinear":  # the seed: cv2.resize of the 0..255 image (float32) at every scale
+        src = image.permute(1, 2, 0).cpu().numpy().astype(np.float32)
+        src = src if image.dtype == torch.uint8 else src * 255.0
+    kw = {"normalize_global": False} if settings.global_aggregation == "sum" else {}
     with torch.inference_mode(), _autocast(device, mixed_precision):
         for s in settings.scales:
             want_g = settings.is_global(s)
             if not (want_g or settings.local):
                 continue
-            xs = rescale(x, s)
-            out = model.extract(xs, want_global=want_g, want_local=settings.local)
+            if settings.resize == "cv2_bilinear":
+                im_s = torch.from_numpy(np.ascontiguousarray(rescale_cv2(src, s))).permute(2, 0, 1) / 255.0
+                xs = _to_input(im_s, model, device)
+            else:
+                xs = rescale(x, s)
+            out = model.extract(xs, want_global=want_g, want_local=settings.local, **kw)
             if want_g:
                 g = out["global"][0].float()
                 gsum = g if gsum is None else gsum + g
@@ -301,11 +483,16 @@ def extract_multiscale(
                 # receptive-field centres (pixels of this scale) -> pixels of the original (cropped) image
                 fx, fy = xs.shape[-1] / ow, xs.shape[-2] / oh
                 xy = xy / np.array([fx, fy], np.float32)
-                per_scale.append((att.reshape(-1).cpu().numpy(), xy, loc.cpu().numpy()))
+                entry = (att.reshape(-1).cpu().numpy(), xy, loc.cpu().numpy())
+                if settings.nms_iou > 0:  # receptive boxes of the cells, in original pixels (the seed's NMS boxes)
+                    half = (float(model.backbone.rf_size) - 1) / 2 / np.array([fx, fy], np.float32)
+                    entry = (*entry, np.concatenate([xy - half, xy + half], axis=1))
+                per_scale.append(entry)
     assert gsum is not None
     out_np = {"global": F.normalize(gsum, dim=0).cpu().numpy().astype(np.float32)}
     if settings.local:
-        kp, de, sc = select_local(per_scale, settings.max_keypoints, settings.attention_threshold)
+        kp, de, sc = select_local(per_scale, settings.max_keypoints, settings.attention_threshold,
+                                  settings.threshold_halve_until, settings.nms_iou)
         out_np.update(keypoints=kp, descriptors=de, scores=sc)
     out_np["image_size"] = np.array([ow, oh], np.int64)
     return out_np
@@ -321,10 +508,16 @@ def extract_one(model: torch.nn.Module, image_pil: Image.Image, conf: Config) ->
     xs = ExtractSettings.from_conf(conf)
     im = image_pil.convert("RGB") if image_pil.mode != "RGB" else image_pil
     size = im.size
-    small = resize_max_side(im, xs.max_size)
     dev = next(model.parameters()).device
     mp = bool(conf.get("mixed_precision", False)) and dev.type == "cuda"
-    return extract_multiscale(model, pil_to_tensor(small), xs, orig_size=size, mixed_precision=mp)
+    return extract_multiscale(model, _load_resized(im, xs), xs, orig_size=size, mixed_precision=mp)
+
+
+def _load_resized(im: Image.Image, xs: ExtractSettings) -> torch.Tensor:
+    """RGB PIL image -> (3, H, W) uint8 limited to ``max_size``, resized as ``extract.resize`` says."""
+    if xs.resize == "cv2_bilinear":
+        return torch.from_numpy(np.ascontiguousarray(resize_max_side_cv2(im, xs.max_size))).permute(2, 0, 1).contiguous()
+    return pil_to_tensor(resize_max_side(im, xs.max_size))
 
 
 # ---------------------------------------------------------------------------------------------- input pipeline
@@ -342,9 +535,9 @@ class ImageLoader(torch.utils.data.Dataset):
     image, ``{'index', 'name', 'error'}`` so the main process can report it and go on.
     """
 
-    def __init__(self, items: Sequence[Item], max_size: int | None) -> None:
+    def __init__(self, items: Sequence[Item], settings: ExtractSettings) -> None:
         self.items = list(items)
-        self.max_size = max_size
+        self.settings = settings
 
     def __len__(self) -> int:
         return len(self.items)
@@ -356,7 +549,7 @@ class ImageLoader(torch.utils.data.Dataset):
         except ImageReadError as e:
             return {"index": i, "name": it.name, "error": str(e)}
         size = im.size
-        return {"index": i, "name": it.name, "image": pil_to_tensor(resize_max_side(im, self.max_size)), "size": size}
+        return {"index": i, "name": it.name, "image": _load_resized(im, self.settings), "size": size}
 
 
 def _worker_init(_: int) -> None:
@@ -475,7 +668,7 @@ def _run(
     mp = bool(conf.get("mixed_precision", False)) and dev.type == "cuda"
     nw = int(conf.get("num_workers", 0) or 0)
     loader = torch.utils.data.DataLoader(
-        ImageLoader(todo, xs.max_size),
+        ImageLoader(todo, xs),
         batch_size=None,  # one image per step: sizes differ
         shuffle=False,
         num_workers=nw,
@@ -579,11 +772,12 @@ def main(conf: Config, dataset: Any = None) -> Path:
     Images already in a store are skipped (``overwrite=true`` redoes them); the model is built only when there is
     something to extract.  ``dataset`` (a ``RetrievalDataset``) overrides ``load_dataset(conf)``.
     """
+    check_weights(conf)  # before the dataset is even looked at
+    ExtractSettings.from_conf(conf)  # fail early on bad settings
     if dataset is None:
         from delg.data.dataset import load_dataset
 
         dataset = load_dataset(conf)
-    ExtractSettings.from_conf(conf)  # fail early on bad settings
     out = features_dir(conf, dataset.name)
     out.mkdir(parents=True, exist_ok=True)
     # The resolved config beside the stores it made (one file per preset, so two models never share one).

@@ -98,6 +98,9 @@ def _save_ranks(path: Path, ranks: np.ndarray | dict[str, np.ndarray], **extra: 
 
 def main(conf: Config) -> Path:
     """Run search, reranking, evaluation and the report; returns ``<output_dir>/results.json``."""
+    from delg.extract import check_weights
+
+    check_weights(conf)  # a forgotten model.checkpoint fails before any work
     if conf.get("query"):
         return search_photo(conf, Path(conf.query))
     from delg import search

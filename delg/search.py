@@ -418,6 +418,9 @@ def ensure_features(conf: Config, dataset: Any, splits: Sequence[str] = ("db", "
 
 def main(conf: Config, dataset: Any = None) -> Path:
     """Rank the database for every query; writes ``<output_dir>/ranks/global.npy`` (+ scores, meta) and returns it."""
+    from delg.extract import check_weights
+
+    check_weights(conf)  # a forgotten model.checkpoint fails before any work
     if dataset is None:
         from delg.data.dataset import load_dataset
 

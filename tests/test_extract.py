@@ -364,3 +364,159 @@ def test_parse_shard(monkeypatch):
     monkeypatch.setenv("RANK", "3")
     assert parse_shard(load_config(None, [])) == (3, 4)  # torchrun
     assert parse_shard(load_config(None, ["shard=1/2"])) == (1, 2)  # explicit wins
+
+
+# ------------------------------------------------------------------------------------ model conventions, seed rules
+def _seed_setup(tmp_path: Path) -> tuple[Path, Path]:
+    """A random R50 saved in the seed's pycls layout, and an 80x64 PNG (lossless: cv2 and PIL decode it alike)."""
+    from pycls_layout import write_pycls_checkpoint
+
+    ck, _ = write_pycls_checkpoint(tmp_path / "seed.pyth")
+    rng = np.random.default_rng(3)
+    arr = (rng.random((9, 11, 3)) * 255).astype(np.uint8)
+    arr[..., 0] = 255  # strongly red: R and B differ everywhere, so a swapped order cannot pass
+    img = tmp_path / "im.png"
+    Image.fromarray(arr).resize((80, 64), Image.BILINEAR).save(img)
+    return ck, img
+
+
+def _seed_conf(out: Path, ck: Path, *extra: str):
+    return load_config(None, [f"output_dir={out}", "model.backbone=resnet50", "model.pretrained=false",
+                              f"model.checkpoint={ck}", "num_workers=0", "progress=false", "device=cpu",
+                              "extract.attention_threshold=null", *extra])
+
+
+def _bgr_input(bgr: np.ndarray) -> torch.Tensor:
+    """The seed's preprocessing of a cv2 image (H, W, 3) B,G,R in 0..255: /255, then the BGR statistics."""
+    from delg.model import BGR_MEAN, BGR_STD
+
+    x = torch.from_numpy(np.ascontiguousarray(bgr, dtype=np.float32)).permute(2, 0, 1)[None] / 255.0
+    return (x - torch.tensor(BGR_MEAN).view(1, 3, 1, 1)) / torch.tensor(BGR_STD).view(1, 3, 1, 1)
+
+
+def test_seed_checkpoint_is_fed_bgr_as_the_seed(tmp_path):
+    """What delg.extract stores for a pycls checkpoint equals a forward on cv2.imread pixels with the BGR stats."""
+    import cv2
+
+    torch.set_num_threads(1)
+    ck, img = _seed_setup(tmp_path)
+    conf = _seed_conf(tmp_path / "out", ck, "extract.scales=[1.0]", "extract.global_scales=[1.0]",
+                      "extract.max_size=null", "extract.splits=[db]")
+    ds = RetrievalDataset(name="toy", db_paths=[img], db_names=["im"], query_paths=[img], query_names=["q"],
+                          query_bbx=[None], gnd=None)
+    main(conf, ds)
+    _, stored = store_contents(store_path(conf, "toy", "db"))
+    model = load_model(conf)
+    assert model.input_colour == "bgr"
+    with torch.no_grad():
+        ref = model.extract(_bgr_input(cv2.imread(str(img))))
+    np.testing.assert_allclose(stored["im"]["global"], ref["global"][0].numpy(), atol=1e-5)
+    att = ref["attention"][0].reshape(-1).numpy()
+    order = np.argsort(-att, kind="stable")
+    np.testing.assert_allclose(stored["im"]["scores"], att[order], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(stored["im"]["descriptors"], ref["local"][0].reshape(len(att), -1).numpy()[order],
+                               atol=1e-5)
+    with FeatureStore(store_path(conf, "toy", "db")) as st:  # the store's model meta says what the input was
+        assert st.model_meta["input_colour"] == "bgr" and st.model_meta["mean"] == [0.406, 0.456, 0.485]
+
+
+def test_seed_resize_and_sum_aggregation(tmp_path):
+    """extract.resize=cv2_bilinear + global_aggregation=sum reproduce the seed: cv2.resize on the 8-bit image,
+    cv2.resize of the 0..255 float image per scale, raw per-scale descriptors summed, then L2."""
+    import cv2
+
+    from delg.data.images import load_pil
+
+    torch.set_num_threads(1)
+    ck, img = _seed_setup(tmp_path)
+    conf = _seed_conf(tmp_path, ck, "extract.scales=[0.5, 1.0]", "extract.global_scales=[0.5, 1.0]",
+                      "extract.max_size=48", "extract.resize=cv2_bilinear", "extract.global_aggregation=sum")
+    model = load_model(conf)
+    got = extract_one(model, load_pil(img), conf)
+    small = cv2.resize(cv2.imread(str(img)), (48, 38), interpolation=cv2.INTER_LINEAR).astype(np.float32)
+    with torch.no_grad():
+        g = sum(model.extract(_bgr_input(cv2.resize(small, (round(48 * s), round(38 * s)),
+                                                    interpolation=cv2.INTER_LINEAR) if s != 1.0 else small),
+                              want_local=False, normalize_global=False)["global"][0] for s in (0.5, 1.0))
+    np.testing.assert_allclose(got["global"], (g / g.norm()).numpy(), atol=1e-5)
+    # The DELG/antialias defaults give a different descriptor, and a different store.
+    conf2 = _seed_conf(tmp_path, ck, "extract.scales=[0.5, 1.0]", "extract.global_scales=[0.5, 1.0]",
+                       "extract.max_size=48")
+    assert not np.allclose(extract_one(model, load_pil(img), conf2)["global"], got["global"], atol=1e-4)
+    assert preset_name(conf) != preset_name(conf2)
+
+
+def test_nms_boxes_hand_computed():
+    from delg.extract import nms_boxes
+
+    boxes = np.array([[0, 0, 10, 10],       # score 0.9: kept
+                      [0, 0, 10, 9.9],      # IoU with box 0 = 99/100 = 0.99 > 0.98: suppressed
+                      [0, 0, 10, 9.5],      # IoU with box 0 = 0.95: kept
+                      [40, 40, 50, 50],     # disjoint, lowest score: kept if among the top_k candidates
+                      [20, 20, 30, 29.9]],  # disjoint: kept
+                     np.float32)
+    scores = np.array([0.9, 0.8, 0.7, 0.1, 0.6], np.float32)
+    np.testing.assert_array_equal(nms_boxes(boxes, scores, 0.98, top_k=5), [0, 2, 4, 3])
+    np.testing.assert_array_equal(nms_boxes(boxes, scores, 0.98, top_k=4), [0, 2, 4])
+    np.testing.assert_array_equal(nms_boxes(boxes, scores, 0.5, top_k=5), [0, 4, 3])
+
+
+def test_seed_threshold_halving():
+    """Per scale: attention > 260, halved until >= N cells pass (the seed), then NMS over the top max_keypoints."""
+    sc = np.array([300, 200, 140, 100, 70, 60, 10], np.float32)
+    kp = np.arange(14, dtype=np.float32).reshape(7, 2)
+    de = np.eye(7, dtype=np.float32)
+    far = np.array([[100 * i, 0, 100 * i + 10, 10] for i in range(7)], np.float32)  # disjoint boxes
+    # 260 -> 1 pass; 130 -> 3; 65 -> 5 >= 4: stop.
+    _, _, got = select_local([(sc, kp, de, far)], 100, 260.0, halve_until=4, nms_iou=0.98)
+    np.testing.assert_array_equal(got, [300, 200, 140, 100, 70])
+    # Strictly above: a cell exactly at the threshold does not pass (130 -> 3 cells > 130; 140 > 130 passes).
+    _, _, got = select_local([(np.array([260, 130, 65], np.float32), kp[:3], de[:3], far[:3])], 100, 260.0,
+                             halve_until=1, nms_iou=0.98)
+    np.testing.assert_array_equal(got, [260])
+    # Halving stops below 0.1 even when fewer than N pass; the old rule (>= threshold, no halving) keeps 1.
+    _, _, got = select_local([(sc, kp, de, far)], 100, 260.0, halve_until=1000, nms_iou=0.98)
+    assert len(got) == 7
+    assert len(select_local([(sc, kp, de)], 100, 260.0)[2]) == 1
+
+
+def test_forgotten_checkpoint_is_an_error(tmp_path):
+    """pretrained=false without model.checkpoint would extract with random weights: an error naming the key,
+    before any work; model.random_weights=true says it is meant."""
+    from delg.config import ConfigError
+
+    conf = _conf(tmp_path, "model.pretrained=false")
+    with pytest.raises(ConfigError, match=r"model\.checkpoint"):
+        main(conf, dataset=None)  # raised before the (unconfigured) dataset is looked at
+    with pytest.raises(ConfigError, match=r"model\.checkpoint"):
+        preset_name(conf)  # what search / rerank / retrieve resolve their stores with
+    with pytest.raises(ConfigError, match=r"model\.checkpoint"):
+        load_model(conf)
+    from delg import retrieve, search
+
+    for stage in (search.main, retrieve.main):
+        with pytest.raises(ConfigError, match=r"model\.checkpoint"):
+            stage(_conf(tmp_path / "never", "model.pretrained=false"))
+    assert not (tmp_path / "never").exists()
+    ok = _conf(tmp_path, "model.pretrained=false", "model.random_weights=true")
+    assert "-random-" in preset_name(ok)
+
+
+def test_paper_configs_local_selection():
+    """Our 2048-d models use DELG's attention thresholds; the seed configs the seed's extraction rules."""
+    paper = REPO / "configs" / "paper"
+    for name, thr in (("roxford5k_r50", 175.0), ("rparis6k_r1m_r50", 175.0), ("roxford5k_r101", 166.1),
+                      ("rparis6k_r101", 166.1)):
+        x = load_config(paper / f"{name}.yaml").extract
+        assert (x.attention_threshold, x.threshold_halve_until, x.nms_iou) == (thr, 0, 0.0), name
+    for name in ("roxford5k_seed_r50", "rparis6k_seed_r101", "roxford5k_r1m_seed_r101"):
+        x = load_config(paper / f"{name}.yaml").extract
+        assert (x.attention_threshold, x.threshold_halve_until, x.nms_iou) == (260.0, 1000, 0.98), name
+        assert (x.global_aggregation, x.resize) == ("sum", "cv2_bilinear"), name
+
+
+def test_new_settings_are_checked():
+    for key, bad in (("global_aggregation", "mean"), ("resize", "nearest"), ("threshold_halve_until", -1),
+                     ("nms_iou", 1.5)):
+        with pytest.raises(ExtractError, match=f"extract.{key}"):
+            ExtractSettings.from_conf(load_config(None, [f"extract.{key}={bad}"]))

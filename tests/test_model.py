@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from pycls_layout import pycls_resnet50_state, write_pycls_checkpoint
 
 from delg.config import load_config
 from delg.model import DELG, CheckpointError, ModelError, build_model
@@ -189,51 +190,7 @@ def test_every_torch_load_is_weights_only():
 
 
 # ------------------------------------------------------------------------------------------ pycls import
-def _pycls_resnet50_state(n_cls: int, dim: int, gen: torch.Generator) -> OrderedDict:
-    """A pycls DELG ``model_state`` written from the pycls architecture (feymanpriv/DELG model/resnet.py)."""
-    sd: OrderedDict = OrderedDict()
-
-    def conv(name, cout, cin, k):
-        sd[f"{name}.weight"] = torch.randn(cout, cin, k, k, generator=gen) * (2 / (cin * k * k)) ** 0.5
-
-    def bn(name, c):
-        sd[f"{name}.weight"] = 1 + 0.1 * torch.randn(c, generator=gen)
-        sd[f"{name}.bias"] = 0.1 * torch.randn(c, generator=gen)
-        sd[f"{name}.running_mean"] = 0.1 * torch.randn(c, generator=gen)
-        sd[f"{name}.running_var"] = 1 + 0.1 * torch.rand(c, generator=gen)
-        sd[f"{name}.num_batches_tracked"] = torch.tensor(5)
-
-    conv("globalmodel.stem.conv", 64, 3, 7)
-    bn("globalmodel.stem.bn", 64)
-    w_in = 64
-    for s, (d, w_out) in enumerate(zip((3, 4, 6, 3), (256, 512, 1024, 2048)), start=1):
-        w_b = w_out // 4
-        for b in range(1, d + 1):
-            pre = f"globalmodel.s{s}.b{b}"
-            cin = w_in if b == 1 else w_out
-            if b == 1:
-                conv(f"{pre}.proj", w_out, cin, 1)
-                bn(f"{pre}.bn", w_out)
-            conv(f"{pre}.f.a", w_b, cin, 1)
-            bn(f"{pre}.f.a_bn", w_b)
-            conv(f"{pre}.f.b", w_b, w_b, 3)
-            bn(f"{pre}.f.b_bn", w_b)
-            conv(f"{pre}.f.c", w_out, w_b, 1)
-            bn(f"{pre}.f.c_bn", w_out)
-        w_in = w_out
-    sd["globalmodel.head.pool.p"] = torch.tensor([2.7])
-    sd["globalmodel.head.fc.weight"] = torch.randn(dim, 2048, generator=gen) * 0.02
-    sd["globalmodel.head.fc.bias"] = torch.randn(dim, generator=gen) * 0.02
-    sd["desc_cls.weight"] = torch.randn(n_cls, dim, generator=gen)
-    sd["desc_cls.t"] = torch.zeros(1)
-    sd["localmodel.conv1.weight"] = torch.randn(512, 1024, 1, 1, generator=gen) * 0.03
-    sd["localmodel.conv1.bias"] = torch.randn(512, generator=gen) * 0.03
-    bn("localmodel.bn", 512)
-    sd["localmodel.conv2.weight"] = torch.randn(1, 512, 1, 1, generator=gen) * 0.03
-    sd["localmodel.conv2.bias"] = torch.randn(1, generator=gen) * 0.03
-    sd["att_cls.fc.weight"] = torch.randn(n_cls, 512, generator=gen) * 0.03
-    sd["att_cls.fc.bias"] = torch.randn(n_cls, generator=gen) * 0.03
-    return sd
+_pycls_resnet50_state = pycls_resnet50_state  # the name tests/test_train.py imports
 
 
 def test_pycls_checkpoint_import(tmp_path):
@@ -338,3 +295,72 @@ def test_arcface_imprint_is_class_mean_direction():
     torch.testing.assert_close(arc.weight[2], before[2])  # a class without samples keeps its weights
     # Imprinted, the classifier already separates the classes (no margin at test time).
     assert arc(d).argmax(1).tolist() == [0, 0, 1, 1]
+
+
+# ------------------------------------------------------------------------------------------------ conventions
+def test_colour_order_belongs_to_the_weights(tmp_path):
+    """pycls (seed) weights expect BGR with the BGR statistics; the convention survives a save (a fine-tune of a seed
+    checkpoint stays BGR); our checkpoints written before the key existed mean RGB."""
+    from delg.model import BGR_MEAN, BGR_STD, IMAGENET_MEAN, IMAGENET_STD
+
+    path, _ = write_pycls_checkpoint(tmp_path / "seed.pyth")
+    m = build_model(_conf(backbone="resnet50", pretrained=False, checkpoint=str(path)))
+    assert (m.input_colour, m.mean, m.std) == ("bgr", BGR_MEAN, BGR_STD)
+    assert m.meta["input_colour"] == "bgr" and m.meta["mean"] == list(BGR_MEAN) and m.meta["std"] == list(BGR_STD)
+    m.save(tmp_path / "ours.pth")
+    again = build_model(_conf(backbone="resnet50", pretrained=False, checkpoint=str(tmp_path / "ours.pth")))
+    assert (again.input_colour, again.mean, again.std) == ("bgr", BGR_MEAN, BGR_STD)
+    # An old checkpoint of ours (no input_colour / mean / std / attention_input in its meta): RGB, attention on recon.
+    lite = DELG("efficientnet_lite0", pretrained=False)
+    lite.save(tmp_path / "old.pth")
+    ck = torch.load(tmp_path / "old.pth", weights_only=True)
+    for k in ("input_colour", "mean", "std", "attention_input"):
+        del ck["meta"][k]
+    torch.save(ck, tmp_path / "old.pth")
+    old = build_model(_conf(checkpoint=str(tmp_path / "old.pth")))
+    assert (old.input_colour, old.mean, old.std) == ("rgb", IMAGENET_MEAN, IMAGENET_STD)
+    assert old.local_head.attention_input == "recon"
+    assert DELG("efficientnet_lite0", pretrained=False).meta["input_colour"] == "rgb"
+
+
+def test_delg_attention_runs_on_block3_and_old_checkpoints_keep_recon(tmp_path):
+    """DELG computes attention on the stride-16 (block-3) map and pools attention * normalise(reconstruction)."""
+    torch.manual_seed(0)
+    m = DELG("efficientnet_lite0", pretrained=False, whiten_dim=16, local_dim=8, attention_dim=16, num_classes=3).eval()
+    lh = m.local_head
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        f16 = m.backbone.forward16(x)
+        recon = lh.decoder(lh.encoder(f16))  # efficientnet: no ReLU on the reconstruction
+        att = F.softplus(lh.att_conv2(F.relu(lh.att_bn(lh.att_conv1(f16)))))
+        logits = m.att_classifier((att * F.normalize(recon, dim=1)).mean(dim=(-2, -1)))
+        out = m.extract(x)
+        train_out = m(x, torch.tensor([1]))
+    torch.testing.assert_close(out["attention"], att[:, 0])
+    torch.testing.assert_close(train_out["local_logits"], logits)
+    assert m.meta["attention_input"] == "block3"
+    # The same tensors under the old variant: attention on the reconstruction, kept by a checkpoint that says so.
+    m.save(tmp_path / "ck.pth")
+    ck = torch.load(tmp_path / "ck.pth", weights_only=True)
+    ck["meta"]["attention_input"] = "recon"
+    torch.save(ck, tmp_path / "ck.pth")
+    old = build_model(_conf(checkpoint=str(tmp_path / "ck.pth")))
+    with torch.no_grad():
+        att_old = F.softplus(lh.att_conv2(F.relu(lh.att_bn(lh.att_conv1(recon)))))
+        torch.testing.assert_close(old.extract(x)["attention"], att_old[:, 0])
+
+
+def test_arcface_scale_null_is_sqrt_dim():
+    m = build_model(load_config(None, ["model.pretrained=false", "model.global_dim=2048", "model.arcface_scale=null",
+                                       "model.arcface_margin=0.1", "model.num_classes=5"]).model)
+    assert m.arcface.scale == pytest.approx(45.2548, abs=1e-4) and m.arcface.margin == 0.1
+    assert m.meta["arcface_scale"] == pytest.approx(45.2548, abs=1e-4)
+
+
+def test_paper_training_configs_follow_delg_head_settings():
+    """The 2048-d paper training configs use DELG's ArcFace margin 0.1 and scale sqrt(2048)."""
+    repo = Path(__file__).resolve().parent.parent
+    for name in ("r50_gldv2_ce", "r50_gldv2_supcon", "r101_gldv2_ce", "r101_gldv2_supcon"):
+        conf = load_config(repo / "configs" / "paper" / f"{name}.yaml")
+        assert conf.model.global_dim == 2048 and conf.model.arcface_margin == 0.1, name
+        assert conf.model.arcface_scale is None, name  # = sqrt(global_dim)

@@ -316,9 +316,28 @@ def test_finetune_from_seed_pycls_checkpoint(tmp_path: Path, capsys: pytest.Capt
     assert "classifiers re-initialised for 3 classes (checkpoint had 11)" in capsys.readouterr().out
     ck = torch.load(last, weights_only=True)
     assert ck["meta"]["backbone"] == "resnet50" and ck["meta"]["global_dim"] == 512 and ck["meta"]["num_classes"] == 3
+    assert ck["meta"]["input_colour"] == "bgr"  # a fine-tune of a pycls checkpoint keeps its colour order
     rows = _log(out)
     assert float(rows[0]["ce"]) > 0 and float(rows[0]["supcon"]) > 0
     # one epoch of small steps moves the imported weights a little; a fresh start would be far away
     start = sd["globalmodel.stem.conv.weight"]
     tuned = next(v for k, v in ck["model_state"].items() if k.endswith("conv1.weight") and v.shape == start.shape)
     assert (tuned - start).norm() < 0.1 * start.norm()
+
+
+def test_training_input_follows_the_model_colour_order() -> None:
+    """A BGR model (a pycls checkpoint and its fine-tunes) is trained on B, G, R normalised with the BGR stats."""
+    from PIL import Image
+
+    from delg.model import BGR_MEAN, BGR_STD
+    from delg.train.augment import eval_transform, normalisation
+
+    rng = np.random.default_rng(0)
+    arr = (rng.random((32, 32, 3)) * 255).astype(np.uint8)
+    model = DELG("efficientnet_lite0", pretrained=False, input_colour="bgr")
+    x = eval_transform({"image_size": 32}, normalisation(model))(Image.fromarray(arr))
+    ref = (torch.from_numpy(arr[..., ::-1].copy()).permute(2, 0, 1).float() / 255
+           - torch.tensor(BGR_MEAN).view(3, 1, 1)) / torch.tensor(BGR_STD).view(3, 1, 1)
+    torch.testing.assert_close(x, ref)
+    rgb = eval_transform({"image_size": 32}, normalisation(DELG("efficientnet_lite0", pretrained=False)))
+    assert not torch.allclose(rgb(Image.fromarray(arr)), ref)

@@ -206,6 +206,8 @@ def pycls_to_ours(state: Mapping[str, Any], source: str = "checkpoint") -> tuple
     )
     if depths not in _PYCLS_DEPTHS:
         raise CheckpointError(f"{source}: pycls ResNet stage depths {depths} are not ResNet-50/101")
+    from delg.model.delg import BGR_MEAN, BGR_STD
+
     n_cls = int(out["arcface.weight"].shape[0]) if "arcface.weight" in out else None
     if n_cls is None and "att_classifier.weight" in out:
         raise CheckpointError(f"{source}: att_cls present but desc_cls.weight missing")
@@ -221,5 +223,11 @@ def pycls_to_ours(state: Mapping[str, Any], source: str = "checkpoint") -> tuple
         "trained_local": True,
         "arcface_margin": 0.15,
         "arcface_scale": 30.0,
+        # pycls reads images with cv2.imread (B, G, R) and normalises with the ImageNet statistics in that order:
+        # the first convolution of these weights expects BGR, and a fine-tune of them keeps it (save_checkpoint
+        # writes these keys).
+        "input_colour": "bgr",
+        "mean": list(BGR_MEAN),
+        "std": list(BGR_STD),
     }
     return meta, out

@@ -11,6 +11,7 @@ map so its losses never move the backbone.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,17 @@ from delg.model.heads import ArcFace, GlobalHead, LocalHead
 FORMAT_VERSION = 1
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The same statistics in B, G, R order: what pycls (the seed's PyTorch DELG) normalises cv2.imread images with.
+BGR_MEAN = IMAGENET_MEAN[::-1]
+BGR_STD = IMAGENET_STD[::-1]
+INPUT_COLOURS = ("rgb", "bgr")
+
+
+def default_stats(colour: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """ImageNet ``(mean, std)`` in the channel order of ``colour`` ('rgb' | 'bgr')."""
+    if colour not in INPUT_COLOURS:
+        raise ModelError(f"input_colour must be one of {', '.join(INPUT_COLOURS)}, got {colour!r}")
+    return (IMAGENET_MEAN, IMAGENET_STD) if colour == "rgb" else (BGR_MEAN, BGR_STD)
 
 
 class DELG(nn.Module):
@@ -38,6 +50,10 @@ class DELG(nn.Module):
         num_classes: classes of the ArcFace and attention classifiers; ``None`` = no classifiers (inference only).
         trained_global: the whitening FC is trained; otherwise the global descriptor is GeM + L2 only.
         trained_local: the local head is trained (DELG-local verification refuses an untrained one).
+        input_colour: channel order the weights expect ('rgb' timm/ImageNet, 'bgr' pycls/seed checkpoints and their
+            fine-tunes); ``mean`` / ``std`` are in that order (default: ImageNet statistics in that order).
+        attention_input: what the local attention sees ('block3' as DELG; 'recon' for checkpoints of older code).
+        arcface_scale: ``None`` = sqrt(whiten_dim), DELG's choice (45.25 for 2048-d).
     """
 
     def __init__(
@@ -49,20 +65,26 @@ class DELG(nn.Module):
         gem_p: float = 3.0,
         num_classes: int | None = None,
         arcface_margin: float = 0.15,
-        arcface_scale: float = 30.0,
+        arcface_scale: float | None = 30.0,
         attention_dim: int = 512,
         local_arch: str = "delg",
         trained_global: bool = False,
         trained_local: bool = False,
         checkpoint: str | None = None,
+        input_colour: str = "rgb",
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
+        attention_input: str = "block3",
     ) -> None:
         super().__init__()
         self.backbone = Backbone(backbone, pretrained=pretrained)
         self.global_head = GlobalHead(self.backbone.channels32, int(whiten_dim), gem_p)
         self.local_head = LocalHead(self.backbone.channels16, int(local_dim), int(attention_dim), local_arch,
-                                    recon_relu=backbone.startswith("resnet"))
+                                    recon_relu=backbone.startswith("resnet"), attention_input=attention_input)
         self.whiten_dim = int(whiten_dim)
         self.attention_dim = int(attention_dim)
+        if arcface_scale is None:
+            arcface_scale = math.sqrt(int(whiten_dim))  # DELG: s = sqrt(d), 45.25 for 2048-d
         self.arcface_margin, self.arcface_scale = float(arcface_margin), float(arcface_scale)
         self.trained_global, self.trained_local = bool(trained_global), bool(trained_local)
         self.checkpoint = checkpoint
@@ -71,7 +93,14 @@ class DELG(nn.Module):
         self.num_classes: int | None = None
         if num_classes:
             self.reset_classifiers(int(num_classes))
-        self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
+        # Colour order and normalisation belong to the weights: extraction and training feed the model what
+        # these say (delg.extract._to_input, delg.train.augment), and every checkpoint saved records them.
+        dmean, dstd = default_stats(input_colour)
+        self.input_colour = input_colour
+        self.mean = tuple(float(v) for v in (mean if mean is not None else dmean))
+        self.std = tuple(float(v) for v in (std if std is not None else dstd))
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ModelError(f"model mean/std must be 3 values (std > 0), got {self.mean} / {self.std}")
 
     # ------------------------------------------------------------------ description
     @property
@@ -92,6 +121,10 @@ class DELG(nn.Module):
             "arcface_margin": self.arcface_margin,
             "arcface_scale": self.arcface_scale,
             "stride": int(self.backbone.rf_stride),
+            "input_colour": self.input_colour,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "attention_input": self.local_head.attention_input,
         }
 
     def reset_classifiers(self, num_classes: int) -> None:
@@ -126,23 +159,26 @@ class DELG(nn.Module):
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
-    def extract(self, x: torch.Tensor, want_global: bool = True, want_local: bool = True) -> dict[str, torch.Tensor]:
+    def extract(self, x: torch.Tensor, want_global: bool = True, want_local: bool = True,
+                normalize_global: bool = True) -> dict[str, torch.Tensor]:
         """Descriptors of one scale.
 
         Args:
-            x: (B, 3, H, W) float, RGB in [0, 1] normalised with ``mean`` / ``std``.
+            x: (B, 3, H, W) float in [0, 1], channels in ``input_colour`` order, normalised with ``mean`` / ``std``.
             want_global: compute ``global``. When False the backbone stops at stride 16.
             want_local: compute ``attention`` and ``local``.
+            normalize_global: L2-normalise ``global`` (False: the raw whitened / GeM descriptor, which the seed's
+                multi-scale aggregation sums before normalising).
 
         Returns:
-            ``global`` (B, D) float32, L2-normalised; ``attention`` (B, h, w) float32 softplus scores;
+            ``global`` (B, D) float32, L2-normalised unless ``normalize_global`` is False; ``attention`` (B, h, w) float32 softplus scores;
             ``local`` (B, h, w, d) float32, L2-normalised; with (h, w) the stride-16 map size.
         """
         out: dict[str, torch.Tensor] = {}
         f16 = self.backbone.forward16(x)  # computed once, shared by both heads
         if want_global:
             g = self.global_head(self.backbone.forward32(f16), whiten=self.trained_global)
-            out["global"] = F.normalize(g.float(), dim=-1)
+            out["global"] = F.normalize(g.float(), dim=-1) if normalize_global else g.float()
         if want_local:
             loc = self.local_head(f16)
             out["attention"] = loc["attention"][:, 0].float()
@@ -188,12 +224,22 @@ def model_from_meta(meta: Mapping[str, Any], checkpoint: str | None = None) -> D
         trained_global=meta.get("trained_global", True),
         trained_local=meta.get("trained_local", True),
         checkpoint=checkpoint,
+        # Checkpoints written before these keys existed were all RGB with ImageNet statistics (pycls files are
+        # read by pycls_to_ours, which says 'bgr'), and their 'delg' local head ran attention on the reconstruction.
+        input_colour=meta.get("input_colour", "rgb"),
+        mean=meta.get("mean"),
+        std=meta.get("std"),
+        attention_input=meta.get("attention_input", "recon"),
     )
 
 
 def _get(conf: Mapping[str, Any], key: str, default: Any) -> Any:
     v = conf.get(key, default) if isinstance(conf, Mapping) else getattr(conf, key, default)
     return default if v is None else v
+
+
+def _raw(conf: Mapping[str, Any], key: str, default: Any) -> Any:
+    return conf.get(key, default) if isinstance(conf, Mapping) else getattr(conf, key, default)
 
 
 def build_model(conf: Mapping[str, Any], num_classes: int | None = None) -> DELG:
@@ -230,7 +276,7 @@ def build_model(conf: Mapping[str, Any], num_classes: int | None = None) -> DELG
             gem_p=float(_get(conf, "gem_p", 3.0)),
             num_classes=n_cls,
             arcface_margin=float(_get(conf, "arcface_margin", 0.15)),
-            arcface_scale=float(_get(conf, "arcface_scale", 30.0)),
+            arcface_scale=None if _raw(conf, "arcface_scale", 30.0) is None else float(_get(conf, "arcface_scale", 30.0)),
             attention_dim=int(_get(conf, "attention_dim", 512)),
         )
     return model.eval()

@@ -126,15 +126,23 @@ class LocalHead(nn.Module):
     """DELG local head on the (detached) stride-16 map.
 
     ``arch='delg'`` (Cao et al. 2020): an autoencoder ``encoder`` (C -> d, the local descriptor) / ``decoder``
-    (d -> C, ReLU for ResNet); attention (``att_conv1`` C -> hidden, BN, ReLU, ``att_conv2`` -> 1, softplus) on the
-    reconstruction; the attention classifier pools ``attention * normalise(reconstruction)``.
+    (d -> C, ReLU for ResNet); attention (``att_conv1`` C -> hidden, BN, ReLU, ``att_conv2`` -> 1, softplus) on
+    ``attention_input``: ``'block3'`` the stride-16 map itself, as DELG (its TF code calls the attention on block 3
+    with the reconstruction as the pooled target), or ``'recon'`` the reconstruction (what this project's code did
+    before; checkpoints written then keep it, see ``DELG.meta``); the attention classifier pools
+    ``attention * normalise(reconstruction)`` either way.
     ``arch='pycls'`` (the PyTorch DELG checkpoints): no autoencoder; ``att_conv1`` + BN is the reduction to the
     descriptor (``d = hidden``), attention on its ReLU, the classifier pools ``attention * descriptor``.
     """
 
     def __init__(self, in_dim: int, local_dim: int, hidden: int = 512, arch: str = "delg",
-                 recon_relu: bool = True) -> None:
+                 recon_relu: bool = True, attention_input: str = "block3") -> None:
         super().__init__()
+        if attention_input not in ("block3", "recon"):
+            raise ValueError(f"local head attention_input must be block3 or recon, got {attention_input!r}")
+        # Both variants have the same tensor shapes (att_conv1 takes C channels), so a checkpoint cannot tell them
+        # apart: the choice is stored in the checkpoint meta.
+        self.attention_input = attention_input
         # ResNet stride-16 maps are post-ReLU (>= 0); EfficientNet's end in a linear projection (signed), so
         # the reconstruction is only rectified where the target is.
         self.recon_relu = recon_relu
@@ -164,7 +172,8 @@ class LocalHead(nn.Module):
             recon = self.decoder(enc)
             if self.recon_relu:
                 recon = F.relu(recon)
-            a = self.att_conv2(F.relu(self.att_bn(self.att_conv1(recon))))
+            att_in = f16 if self.attention_input == "block3" else recon
+            a = self.att_conv2(F.relu(self.att_bn(self.att_conv1(att_in))))
             att = F.softplus(a)
             out["local"] = F.normalize(enc, dim=1)
             out["recon"] = recon

@@ -38,7 +38,7 @@ from delg.data.images import ImageReadError, load_pil
 from delg.errors import ProjectError
 from delg.model import DELG, build_model
 from delg.model.checkpoints import load_into_model, read_checkpoint
-from delg.train.augment import eval_transform, train_transform, whole_transform
+from delg.train.augment import eval_transform, normalisation, train_transform, whole_transform
 from delg.train.losses import DELGLoss
 
 LOG_COLUMNS = ["epoch", "loss", "ce", "supcon", "attention", "reconstruction", "lr", "images", "images_per_s",
@@ -174,7 +174,7 @@ def _val_accuracy(model: DELG, data: LandmarkSet, conf: Mapping[str, Any], devic
     if len(data) == 0 or model.arcface is None:
         return None
     model.eval()
-    ds = LandmarkDataset(data, eval_transform(conf["train"]), n_views=1)
+    ds = LandmarkDataset(data, eval_transform(conf["train"], normalisation(model)), n_views=1)
     loader = DataLoader(ds, batch_size=32, num_workers=int(conf.get("num_workers", 0)), collate_fn=collate_skip)
     hit = n = 0
     for b in loader:
@@ -210,8 +210,8 @@ def init_global_head(model: DELG, data: LandmarkSet, conf: Mapping[str, Any], de
     was_training = model.training
     model.eval()
     views = int(t.get("whiten_views", 0) or 0) if pca else 0
-    aug = train_transform(t)
-    whole = whole_transform(2 * int(t.get("image_size", 224)))
+    aug = train_transform(t, normalisation(model))
+    whole = whole_transform(2 * int(t.get("image_size", 224)), normalisation(model))
 
     def gem(x: torch.Tensor) -> torch.Tensor:
         x = x.to(device)
@@ -330,7 +330,8 @@ def main(conf: Config) -> Path:
     sampler = EpochBatchSampler(train_set.labels, per_rank * world, balanced=criterion.needs_two_views,
                                 images_per_class=int(t.images_per_class), seed=int(conf.seed), rank=0, world_size=1)
     # Every rank draws the same global batches and takes its slice of each, so ranks stay in step.
-    dataset = LandmarkDataset(train_set, train_transform(t), n_views=n_views)
+    # The model's own colour order / statistics: a fine-tune of a pycls checkpoint stays BGR.
+    dataset = LandmarkDataset(train_set, train_transform(t, normalisation(model)), n_views=n_views)
     loader = DataLoader(dataset, batch_sampler=_RankSlice(sampler, rank, world), collate_fn=collate_skip,
                         num_workers=int(conf.get("num_workers", 0)), pin_memory=device.type == "cuda")
     steps_per_epoch = len(sampler)
