@@ -178,6 +178,7 @@ def main(conf: Config) -> Path:
             "checkpoint": conf.model.checkpoint,
             "backbone": conf.model.backbone,
             "notes": dataset.notes,
+            "search": search.search_record(ranks_path),  # index, exact, gpu, depth, ranking_cut, ...
         },
         "methods": results,
         "complete": complete,

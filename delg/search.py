@@ -4,16 +4,25 @@ Outputs (``main``), under ``<output_dir>/ranks/``:
     ``global.npy``          (depth, n_queries) int64: row r of column j = the database index ranked r-th for query j
     ``global_scores.npy``   (depth, n_queries) float32: its cosine similarity (PQ-approximate with ``ivfpq``);
                             ``-inf`` where a row had to be filled with images that have no features (unreadable)
-    ``global.meta.json``    what produced them (index kind, sizes, key); lets a rerun skip the search
+                            or that IVF-PQ did not return (outside the probed lists)
+    ``global.meta.json``    what produced them (index kind, exact or not, GPU, depth, whether the ranking is cut,
+                            key); lets a rerun skip the search.  :func:`search_record` is its part for results.json.
 
-``depth = min(ranks.depth, n_db)``.  The index is saved beside the features as
-``<preset>-db.<kind>-<key>.faiss``, ``key`` hashing the database store (image names in dataset order, file size),
-the index settings and DBA; it is rebuilt whenever one of them changes.  Database vectors are read and added in
-chunks of ``search.chunk`` and queries searched in chunks of ``search.query_chunk``, so no (n_db, n_queries)
-similarity matrix is ever held: +R1M runs in the memory of the index itself (8 GB flat at 1M x 2048 float32;
-IVF-PQ with m=64, nbits=8 needs 64 bytes per image, plus d bytes for the 8-bit copy of ``search.refine``).  DBA holds two indexes while it runs.
+``depth = n_db`` (the whole database, revisitop's full ranking) when ``ranks.depth`` is ``null``/``all``, else
+``min(ranks.depth, n_db)`` (a cut: a positive below the cut counts as never found).  The index is saved beside the
+features as ``<preset>-db.<kind>-<key>.faiss``, ``key`` hashing the database store (image names in dataset order,
+file size), the index settings and DBA; it is rebuilt whenever one of them changes.  Database vectors are read and
+added in chunks of ``search.chunk`` and queries searched in chunks of ``search.query_chunk``, so no
+(n_db, n_queries) similarity matrix is held beyond the ranking asked for: +R1M runs in the memory of the index
+itself (8 GB flat at 1M x 2048 float32, 2 GB at 512-d; IVF-PQ with m=64, nbits=8 needs 64 bytes per image, plus d
+bytes for the 8-bit copy of ``search.refine``) plus the output (12 bytes per row and query: 840 MB for a full
+1M ranking of 70 queries).  DBA holds two indexes while it runs.
 
-    python -m delg.search --config configs/demo.yaml [search.index=ivfpq] [search.qe_k=2]
+Top-k beyond FAISS's GPU limit (``GPU_MAX_K`` = 2048: GPU indexes refuse larger k, and an ``IndexRefine`` asks its
+base for ``refine * k``): a flat index ranks exactly with a chunked matrix product and a partial sort on the CPU
+(:func:`exact_topk`), any other index is searched on its CPU copy; each reason is logged once and recorded.
+
+    python -m delg.search --config configs/demo.yaml [search.index=ivfpq] [search.qe_k=2] [ranks.depth=1000]
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ import json
 import math
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +51,10 @@ from delg.store import FeatureStore
 
 INDEX_KINDS = ("flat", "ivfpq")
 MISSING_SCORE = np.float32(-np.inf)
+# FAISS GPU indexes refuse k above this (faiss/gpu/utils/DeviceDefs.cuh GPU_MAX_SELECTION_K: 2048 with CUDA, 16384
+# with cuVS, 1024 in old builds); a request that needs more is answered without the GPU (see DatabaseIndex.knn),
+# and any other refusal of the GPU copy is caught and retried on the CPU copy.
+GPU_MAX_K = 2048
 
 
 class SearchError(ProjectError, ValueError):
@@ -153,6 +166,130 @@ def search_chunked(index: faiss.Index, queries: np.ndarray, k: int, chunk: int =
     return scores, ids
 
 
+def exact_topk(
+    xb: np.ndarray, queries: np.ndarray, k: int, db_chunk: int = 65536, query_chunk: int = 1024
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-``k`` without FAISS's top-k (any ``k``, up to the full ranking ``k = len(xb)``).
+
+    Each step multiplies ``query_chunk`` queries by ``db_chunk`` database vectors and keeps the best ``k`` so far
+    (``argpartition``), so it holds about ``query_chunk x (k + db_chunk)`` scores and ids beyond the output (the full
+    ranking: ``query_chunk x N`` scores and their sort order); the best ``k`` are sorted by descending similarity,
+    the lower database index first on ties (as a stable NumPy argsort).
+
+    Args:
+        xb: (N, D) float32 database vectors (e.g. a flat index's storage, see :func:`flat_vectors`).
+        queries: (Q, D) float32.
+
+    Returns:
+        ``scores`` (Q, k') float32 and ``ids`` (Q, k') int64, ``k' = min(k, N)``.
+    """
+    q_all = np.ascontiguousarray(queries, dtype=np.float32)
+    n, k = len(xb), min(int(k), len(xb))
+    dc, qc = max(1, int(db_chunk)), max(1, int(query_chunk))
+    scores = np.empty((len(q_all), k), np.float32)
+    ids = np.empty((len(q_all), k), np.int64)
+    if k == 0:
+        return scores, ids
+    for qs in range(0, len(q_all), qc):
+        q = q_all[qs : qs + qc]
+        qe = qs + len(q)
+        if k == n:  # the full ranking: every similarity is kept, the sort order is the ranking
+            neg = np.empty((len(q), n), np.float32)
+            for s in range(0, n, dc):
+                neg[:, s : s + dc] = q @ np.asarray(xb[s : s + dc], np.float32).T
+            np.negative(neg, out=neg)
+            ids[qs:qe] = np.argsort(neg, axis=1, kind="stable")  # ascending -s: ties keep the lower index first
+            scores[qs:qe] = np.take_along_axis(neg, ids[qs:qe], 1)
+            np.negative(scores[qs:qe], out=scores[qs:qe])
+            continue
+        s_buf = np.empty((len(q), min(n, k + dc)), np.float32)
+        i_buf = np.empty((len(q), min(n, k + dc)), np.int64)
+        filled = 0
+        for s in range(0, n, dc):
+            e = min(s + dc, n)
+            s_buf[:, filled : filled + e - s] = q @ np.asarray(xb[s:e], np.float32).T
+            i_buf[:, filled : filled + e - s] = np.arange(s, e)
+            filled += e - s
+            if filled > k:  # keep the best k so far
+                keep = np.argpartition(-s_buf[:, :filled], k - 1, axis=1)[:, :k]
+                s_buf[:, :k] = np.take_along_axis(s_buf[:, :filled], keep, 1)
+                i_buf[:, :k] = np.take_along_axis(i_buf[:, :filled], keep, 1)
+                filled = k
+        # partitions scramble the order: ascending index first, so that the stable sort breaks ties by index
+        by_id = np.argsort(i_buf[:, :k], axis=1)
+        sc, ix = np.take_along_axis(s_buf[:, :k], by_id, 1), np.take_along_axis(i_buf[:, :k], by_id, 1)
+        order = np.argsort(-sc, axis=1, kind="stable")
+        scores[qs:qe] = np.take_along_axis(sc, order, 1)
+        ids[qs:qe] = np.take_along_axis(ix, order, 1)
+    return scores, ids
+
+
+def flat_vectors(index: faiss.Index) -> np.ndarray | None:
+    """A read-only (n, d) float32 view of an inner-product flat index's storage (no copy), else ``None``."""
+    index = faiss.downcast_index(index) if type(index) is faiss.Index else index
+    if not isinstance(index, faiss.IndexFlat) or index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        return None
+    n, d = int(index.ntotal), int(index.d)
+    if n == 0:
+        return np.zeros((0, d), np.float32)
+    view = faiss.rev_swig_ptr(index.get_xb(), n * d).reshape(n, d)
+    view.flags.writeable = False
+    return view
+
+
+def index_kind(index: faiss.Index) -> str:
+    """What a (CPU) index is: ``flat``, ``ivfpq`` or ``ivfpq+refine``."""
+    if isinstance(index, faiss.IndexRefine):
+        return "ivfpq+refine"
+    return "flat" if flat_vectors(index) is not None else "ivfpq"
+
+
+def _base_k(index: faiss.Index, k: int) -> int:
+    """The k an index asks of its base: ``IndexRefine`` searches ``int(k * k_factor)`` candidates."""
+    return max(k, int(k * float(index.k_factor))) if isinstance(index, faiss.IndexRefine) else k
+
+
+# ---------------------------------------------------------------------------------------------- settings
+def ranking_depth(setting: Any, n_db: int | None = None) -> int | None:
+    """Rows kept of every ranking: ``ranks.depth`` checked; ``null``/``'all'`` = the whole database.
+
+    Returns ``min(setting, n_db)``, ``n_db`` for the whole database, or with ``n_db=None`` the checked setting
+    (``None`` for the whole database).
+    """
+    if setting is None or (isinstance(setting, str) and setting.strip().lower() == "all"):
+        return n_db
+    if isinstance(setting, bool) or not isinstance(setting, (int, np.integer)) or setting < 1:
+        raise SearchError(f"ranks.depth: need a positive number of rows, or null/all for the whole database "
+                          f"(got {setting!r})")
+    return int(setting) if n_db is None else min(int(setting), n_db)
+
+
+def check_settings(conf: Config) -> None:
+    """Type and range of every search setting, before any work; the error names the key."""
+    sc = conf.search
+    ranking_depth(conf.ranks.depth)
+    if str(sc.index) not in INDEX_KINDS:
+        raise SearchError(f"search.index: unknown index '{sc.index}' (valid: {', '.join(INDEX_KINDS)})")
+    if sc.gpu not in (True, False, "true", "false", "auto", None):
+        raise SearchError(f"search.gpu: auto, true or false (got {sc.gpu!r})")
+
+    def number(key: str, lo: float, integer: bool = True, none_ok: bool = False) -> None:
+        v = sc[key]
+        if v is None and none_ok:
+            return
+        kinds = (int, np.integer) if integer else (int, float, np.integer, np.floating)
+        if isinstance(v, bool) or not isinstance(v, kinds) or v < lo:
+            raise SearchError(f"search.{key}: need {'an integer' if integer else 'a number'} >= {lo} (got {v!r})")
+
+    for key, lo in (("chunk", 1), ("query_chunk", 1), ("nprobe", 1), ("m", 1), ("nbits", 1), ("train_size", 1)):
+        number(key, lo)
+    number("qe_k", 0, none_ok=True)
+    number("dba_k", 0, none_ok=True)
+    number("nlist", 1, none_ok=True)
+    number("refine", 0, integer=False, none_ok=True)
+    number("alpha", 0, integer=False)
+
+
 def _l2n(x: np.ndarray) -> np.ndarray:
     n = np.linalg.norm(x, axis=-1, keepdims=True)
     return (x / np.maximum(n, 1e-12)).astype(np.float32)
@@ -192,6 +329,8 @@ class DatabaseIndex:
     """A FAISS index over the database images that have features.
 
     ``present[i]`` is the dataset database index of index row ``i``; ``n_db`` counts all database images.
+    ``gpu``: ``index`` is a GPU copy; ``notes`` lists why requests of the last :func:`rank` were answered without it
+    (each reason logged once).
     """
 
     index: faiss.Index  # what searches (GPU copy when used)
@@ -200,6 +339,13 @@ class DatabaseIndex:
     n_db: int
     key: str
     path: Path | None
+    gpu: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def kind(self) -> str:
+        """``flat``, ``ivfpq`` or ``ivfpq+refine``: what was built (ivfpq falls back to flat on tiny databases)."""
+        return index_kind(self.cpu_index)
 
     def set_search_params(self, nprobe: int, refine: float) -> None:
         """The search-time settings of IVF-PQ (lists probed) and of its re-scoring (``refine * k`` candidates), on
@@ -212,18 +358,63 @@ class DatabaseIndex:
             if isinstance(index, faiss.IndexRefine):
                 index.k_factor = float(refine)
 
-    def search(self, queries: np.ndarray, depth: int, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-        """(Q, D) -> ``ids`` (Q, k) dataset db indices and ``scores`` (Q, k), ``k = min(depth, n_db)``; rows past the
-        images with features (or past IVF results) hold the remaining db indices in order, score ``-inf``."""
-        k = min(depth, self.n_db)
+    def _note(self, reason: str) -> None:
+        if reason not in self.notes:
+            self.notes.append(reason)
+            print(f"[search] {reason}", file=sys.stderr)
+
+    def knn(self, queries: np.ndarray, k: int, chunk: int = 1024, db_chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` in index-row space, whatever ``k``: every search of the database goes through here.
+
+        A flat index asked for more than ``GPU_MAX_K`` ranks with :func:`exact_topk` on its CPU storage (FAISS's
+        top-k on the GPU refuses such k; on the CPU its heap gives no tie order), ``db_chunk`` vectors per step.
+        Any other index whose base would be asked for more than ``GPU_MAX_K`` (``refine * k`` for IVF-PQ + refine)
+        is searched on its CPU copy, as is a request the GPU copy refuses for another reason.
+
+        Args:
+            queries: (Q, D) float32; ``k <= len(present)``.
+
+        Returns:
+            ``scores`` (Q, k) float32 (descending) and ``ids`` (Q, k) int64 index rows (-1 where IVF found fewer).
+        """
+        xb = flat_vectors(self.cpu_index) if k > GPU_MAX_K else None
+        if xb is not None:
+            if self.gpu:
+                self._note(f"k={k} is above the GPU top-k limit ({GPU_MAX_K}): exact ranking by chunked matrix "
+                           f"product on the CPU")
+            return exact_topk(xb, queries, k, db_chunk, chunk)
+        index = self.index
+        if self.gpu and _base_k(self.cpu_index, k) > GPU_MAX_K:
+            self._note(f"k={_base_k(self.cpu_index, k)} (ranks.depth x search.refine where refine applies) is above "
+                       f"the GPU top-k limit ({GPU_MAX_K}): searched on the CPU copy of the index")
+            index = self.cpu_index
+        try:
+            return search_chunked(index, queries, k, chunk)
+        except RuntimeError as e:
+            if index is self.cpu_index:
+                raise
+            # FAISS checks k before any work, so the refusal came at once; the CPU copy answers the whole request
+            self._note(f"the GPU index refused k={k} ({_one_line(e)}): searched on the CPU copy of the index")
+            return search_chunked(self.cpu_index, queries, k, chunk)
+
+    def search(
+        self, queries: np.ndarray, depth: int | None, chunk: int = 1024, db_chunk: int = 65536
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(Q, D) -> ``ids`` (Q, k) dataset db indices and ``scores`` (Q, k), ``k = min(depth, n_db)`` (``n_db`` when
+        ``depth`` is ``None``); rows past the images with features (or past IVF results) hold the remaining db
+        indices in order, score ``-inf``."""
+        k = self.n_db if depth is None else min(depth, self.n_db)
         kk = min(k, len(self.present))
         if kk > 0:
-            sc, ix = search_chunked(self.index, queries, kk, chunk)
+            sc, ix = self.knn(queries, kk, chunk, db_chunk)
         else:
             sc = np.zeros((len(queries), 0), np.float32)
             ix = np.zeros((len(queries), 0), np.int64)
+        complete = kk == k and bool((ix >= 0).all())
+        if complete and len(self.present) == self.n_db:  # rows are db indices: no copies of a (maybe 1M-row) result
+            return ix, sc
         ids = np.where(ix >= 0, self.present[np.maximum(ix, 0)], -1)
-        if kk == k and (ix >= 0).all():
+        if complete:
             return ids, sc
         out_ids = np.empty((len(queries), k), np.int64)
         out_sc = np.full((len(queries), k), MISSING_SCORE, np.float32)
@@ -233,6 +424,11 @@ class DatabaseIndex:
             out_ids[j] = np.concatenate([valid, rest])
             out_sc[j, : len(valid)] = sc[j][ids[j] >= 0]
         return out_ids, out_sc
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(e).__name__)[:300]
 
 
 def _ivf(index: faiss.Index) -> Any:
@@ -313,8 +509,7 @@ _CACHE: dict[str, DatabaseIndex] = {}
 
 def get_index(conf: Config, dataset: Any) -> DatabaseIndex:
     """Load the saved index if its key matches the database store, else build (and save) it."""
-    if str(conf.search.index) not in INDEX_KINDS:
-        raise SearchError(f"search.index: unknown index '{conf.search.index}' (valid: {', '.join(INDEX_KINDS)})")
+    check_settings(conf)
     progress = bool(conf.get("progress", True))
     db_path = store_path(conf, dataset.name, "db")
     with FeatureStore(db_path, "r", preset=preset_name(conf)) as st:
@@ -346,13 +541,13 @@ def get_index(conf: Config, dataset: Any) -> DatabaseIndex:
     ivf = _ivf(cpu)
     if ivf is not None:
         ivf.nprobe = int(conf.search.nprobe)  # before a GPU clone, which copies it
-    idx = cpu
+    idx, gpu = cpu, False
     if _use_gpu(conf.search.gpu):
         try:
-            idx = to_gpu(cpu)
+            idx, gpu = to_gpu(cpu), True
         except RuntimeError as e:  # e.g. a PQ size the GPU kernels do not support
             print(f"[search] GPU index unavailable ({e}); searching on CPU", file=sys.stderr)
-    db = DatabaseIndex(idx, cpu, present, len(dataset.db_names), key, path if conf.search.save_index else None)
+    db = DatabaseIndex(idx, cpu, present, len(dataset.db_names), key, path if conf.search.save_index else None, gpu)
     _CACHE[str(path)] = db
     return db
 
@@ -377,11 +572,11 @@ def query_vectors(conf: Config, dataset: Any) -> np.ndarray:
 
 
 def rank(db: DatabaseIndex, queries: np.ndarray, conf: Config) -> tuple[np.ndarray, np.ndarray]:
-    """Search (with optional alpha-QE); returns ``ranks`` (depth, Q) int64 and ``scores`` (depth, Q) float32."""
+    """Search (with optional alpha-QE); returns ``ranks`` (depth, Q) int64 and ``scores`` (depth, Q) float32,
+    ``depth`` = :func:`ranking_depth` (``n_db`` for the whole database)."""
     sc = conf.search
-    depth, chunk = int(conf.ranks.depth), int(sc.query_chunk)
-    if depth < 1:
-        raise SearchError(f"ranks.depth: need a positive depth, got {depth}")
+    depth, chunk, db_chunk = ranking_depth(conf.ranks.depth, db.n_db), int(sc.query_chunk), int(sc.chunk)
+    db.notes.clear()  # the notes of this ranking (the index may be cached across runs)
     db.set_search_params(int(sc.nprobe), float(sc.refine or 0))
     qe_k = int(sc.qe_k or 0)
     if qe_k > 0:
@@ -389,11 +584,11 @@ def rank(db: DatabaseIndex, queries: np.ndarray, conf: Config) -> tuple[np.ndarr
         if ivf is not None:
             ivf.make_direct_map()
         k = min(qe_k, len(db.present))
-        sims, ix = search_chunked(db.index, queries, k, chunk)
+        sims, ix = db.knn(queries, k, chunk, db_chunk)
         ok = ix >= 0
         ix, sims = np.where(ok, ix, 0), np.where(ok, sims, 0)
         queries = alpha_qe(queries, _reconstruct(db.cpu_index, ix), sims, float(sc.alpha))
-    ids, scores = db.search(queries, depth, chunk)
+    ids, scores = db.search(queries, depth, chunk, db_chunk)
     return np.ascontiguousarray(ids.T), np.ascontiguousarray(scores.T)
 
 
@@ -421,6 +616,7 @@ def main(conf: Config, dataset: Any = None) -> Path:
     from delg.extract import check_weights
 
     check_weights(conf)  # a forgotten model.checkpoint fails before any work
+    check_settings(conf)
     if dataset is None:
         from delg.data.dataset import load_dataset
 
@@ -433,20 +629,26 @@ def main(conf: Config, dataset: Any = None) -> Path:
     db = get_index(conf, dataset)
     qpath = store_path(conf, dataset.name, "query")
     sc = conf.search
+    depth = ranking_depth(conf.ranks.depth, db.n_db)
+    kind = db.kind
     meta = {
         "dataset": dataset.name,
         "db_store": store_path(conf, dataset.name, "db").name,
         "query_store": qpath.name,
         "query_store_bytes": qpath.stat().st_size,
         "query_names": hashlib.sha1("\n".join(dataset.query_names).encode()).hexdigest()[:12],
-        "index": str(sc.index),
+        "index": kind,  # what searched: search.index=ivfpq falls back to flat on a tiny database
+        "exact": kind == "flat",
+        "gpu": db.gpu,  # GPU IVF-PQ uses float16 lookup tables: part of what produced the numbers
         "index_key": db.key,
         "n_db": db.n_db,
         "n_db_with_features": len(db.present),
         "n_queries": len(dataset.query_names),
-        "depth": min(int(conf.ranks.depth), db.n_db),
-        "nprobe": int(sc.nprobe) if sc.index == "ivfpq" else None,
-        "refine": float(sc.refine or 0) if sc.index == "ivfpq" else None,  # search-time: not in the index key
+        "depth": depth,  # rows of every ranking
+        "depth_setting": ranking_depth(conf.ranks.depth),  # ranks.depth as given; null = the whole database
+        "ranking_cut": depth < db.n_db,  # a positive below the cut counts as never found
+        "nprobe": int(sc.nprobe) if kind != "flat" else None,
+        "refine": float(sc.refine or 0) if kind == "ivfpq+refine" else None,  # search-time: not in the index key
         "qe_k": int(sc.qe_k or 0),
         "dba_k": int(sc.dba_k or 0),
         "alpha": float(sc.alpha),
@@ -454,7 +656,8 @@ def main(conf: Config, dataset: Any = None) -> Path:
     }
     if ranks_path.is_file() and scores_path.is_file() and meta_path.is_file() and not conf.get("overwrite", False):
         try:
-            if json.loads(meta_path.read_text()) == meta:
+            old = json.loads(meta_path.read_text())
+            if {k: v for k, v in old.items() if k not in _META_OUTCOMES} == meta:
                 return ranks_path
         except ValueError:
             pass
@@ -463,8 +666,28 @@ def main(conf: Config, dataset: Any = None) -> Path:
         tmp = path.with_name(path.stem + ".tmp.npy")
         np.save(tmp, arr)
         tmp.replace(path)
+    meta["gpu_fallbacks"] = list(db.notes)  # requests answered without the GPU copy, and why
     meta_path.write_text(json.dumps(meta, indent=1))
     return ranks_path
+
+
+# Meta entries that report how the search went rather than what it is: not compared when reusing a ranking.
+_META_OUTCOMES = ("gpu_fallbacks",)
+SEARCH_RECORD_KEYS = ("index", "exact", "gpu", "gpu_fallbacks", "nprobe", "refine", "depth", "depth_setting",
+                      "ranking_cut", "qe_k", "dba_k", "alpha")
+
+
+def search_record(ranks_path: str | Path) -> dict[str, Any]:
+    """What the global search used, for results.json (``protocol.search``): index kind, exact or not, GPU (and the
+    requests answered without it), nprobe/refine where they apply, ranking depth and whether the ranking is cut.
+
+    ``ranks_path`` is what :func:`main` returned; the record is read from the ``global.meta.json`` beside it."""
+    meta_path = Path(ranks_path).with_name("global.meta.json")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as e:
+        raise SearchError(f"{meta_path}: cannot read the search record ({e}); rerun the search") from None
+    return {k: meta.get(k) for k in SEARCH_RECORD_KEYS}
 
 
 def search_one(descriptor: np.ndarray, conf: Config, dataset: Any = None) -> tuple[np.ndarray, np.ndarray]:
@@ -474,8 +697,10 @@ def search_one(descriptor: np.ndarray, conf: Config, dataset: Any = None) -> tup
         descriptor: (D,) L2-normalised global descriptor (``delg.extract.extract_one(...)['global']``).
 
     Returns:
-        ``indices`` (k,) int64 database indices and ``scores`` (k,) float32, ``k = min(ranks.depth, n_db)``.
+        ``indices`` (k,) int64 database indices and ``scores`` (k,) float32, ``k = min(ranks.depth, n_db)`` (``n_db``
+        when ``ranks.depth`` is null).
     """
+    check_settings(conf)
     if dataset is None:
         from delg.data.dataset import load_dataset
 
@@ -490,18 +715,25 @@ def search_one(descriptor: np.ndarray, conf: Config, dataset: Any = None) -> tup
 
 
 __all__ = [
+    "GPU_MAX_K",
     "DatabaseIndex",
     "SearchError",
     "alpha_qe",
+    "check_settings",
     "dba_vectors",
     "default_nlist",
+    "exact_topk",
+    "flat_vectors",
     "flat_index_view",
     "get_index",
+    "index_kind",
     "main",
     "new_index",
     "rank",
+    "ranking_depth",
     "search_chunked",
     "search_one",
+    "search_record",
 ]
 
 if __name__ == "__main__":

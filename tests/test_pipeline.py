@@ -40,6 +40,9 @@ def test_results_json_layout(tiny_run: Path) -> None:
     assert res["dataset"] == "minibench-tiny" and res["n_queries"] == 6 and res["complete"] is True
     assert set(res["protocol"]) >= {"query_crop", "junk_before_rerank", "top_k", "checkpoint"}
     assert res["protocol"]["query_crop"] is True and res["protocol"]["top_k"] == 8
+    search = res["protocol"]["search"]  # what the global search used: exact, the whole database ranked
+    assert search["index"] == "flat" and search["exact"] is True and search["gpu"] is False
+    assert search["depth"] == res["n_db"] and search["ranking_cut"] is False and search["depth_setting"] is None
     assert set(res["methods"]) == {"global", "sift"}  # loftr (no weights) and delg (untrained head) skipped
     skipped = {s["method"]: s["reason"] for s in res["skipped_methods"]}
     assert "nowhere/outdoor_ds.ckpt" in skipped["loftr"]

@@ -240,3 +240,129 @@ def test_missing_stores_trigger_extraction(tmp_path, monkeypatch):
     ranks = np.load(main(conf, ds))
     assert calls == [["query"]]  # only what was missing
     np.testing.assert_array_equal(ranks, numpy_ranks(X, Q)[0][:5])
+
+
+# ---------------------------------------------------------------------------------------------- depth and GPU k limit
+def test_full_depth_ranks_the_whole_database_exactly(tmp_path):
+    """ranks.depth null/all (the default) = every database image, as a stable NumPy argsort of the similarities;
+    2500 > GPU_MAX_K rows go through the chunked exact path.  A cut is recorded as one."""
+    import json
+
+    from delg.search import GPU_MAX_K, search_record
+
+    conf, ds, X, Q = make_case(tmp_path / "full", 2500, 4, 16, 12, (), "search.chunk=700", "search.query_chunk=3")
+    assert conf.ranks.depth is None and 2500 > GPU_MAX_K
+    path = main(conf, ds)
+    ranks, scores = np.load(path), np.load(tmp_path / "full" / "ranks" / "global_scores.npy")
+    ref, ref_s = numpy_ranks(X, Q)
+    assert ranks.shape == (2500, 4)
+    np.testing.assert_array_equal(ranks, ref)
+    np.testing.assert_allclose(scores, ref_s, atol=1e-5)
+    rec = search_record(path)
+    assert rec["depth"] == 2500 and rec["depth_setting"] is None and rec["ranking_cut"] is False
+    assert rec["index"] == "flat" and rec["exact"] is True and rec["gpu"] is False and rec["gpu_fallbacks"] == []
+    conf.ranks.depth = "all"  # the same ranking: reused, not searched again
+    assert np.load(main(conf, ds)).shape == (2500, 4) and search_record(path)["depth_setting"] is None
+
+    conf, ds, X, Q = make_case(tmp_path / "cut", 2500, 4, 16, 12, (), "ranks.depth=2100", "search.chunk=500")
+    path = main(conf, ds)
+    np.testing.assert_array_equal(np.load(path), ref[:2100])
+    meta = json.loads(path.with_name("global.meta.json").read_text())
+    assert meta["depth"] == 2100 and meta["depth_setting"] == 2100 and meta["ranking_cut"] is True
+    for bad in ("0", "-3", "ten", "1.5", "true"):
+        conf.ranks.depth = load_config(None, [f"ranks.depth={bad}"]).ranks.depth
+        with pytest.raises(SearchError, match="ranks.depth"):
+            main(conf, ds)
+
+
+def test_exact_topk_matches_a_stable_argsort() -> None:
+    """Any k (partial sort across database chunks) and any chunking: NumPy's stable order, ties by lower index."""
+    from delg.search import exact_topk
+
+    rng = np.random.default_rng(3)
+    X = clustered(rng, 57, 8)
+    X[40] = X[5]  # exact ties
+    X[41] = X[5]
+    Q = np.concatenate([X[5:6], clustered(rng, 4, 8)])
+    S = Q @ X.T
+    order = np.argsort(-S, axis=1, kind="stable")
+    for k in (1, 3, 20, 56, 57, 100):
+        for dc, qc in ((4, 2), (16, 5), (1000, 1000)):
+            sc, ix = exact_topk(X, Q, k, dc, qc)
+            kk = min(k, 57)
+            np.testing.assert_array_equal(ix, order[:, :kk], err_msg=f"k={k} chunks={dc},{qc}")
+            np.testing.assert_allclose(sc, np.take_along_axis(S, order[:, :kk], 1), atol=1e-6)
+    assert list(exact_topk(X, Q, 3)[1][0]) == [5, 40, 41]
+
+
+def gpu_standin(index, limit: int = 2048):
+    """What ``to_gpu`` returns, on the CPU: a copy whose search refuses, as FAISS GPU indexes do, a request that
+    needs more than ``limit`` results of the (base) index (an IndexRefine asks its base for k * k_factor)."""
+    import faiss
+
+    from delg.search import refine_on
+
+    if isinstance(index, faiss.IndexRefine):
+        clone = refine_on(faiss.clone_index(faiss.downcast_index(index.base_index)), index)
+    else:
+        clone = faiss.clone_index(index)
+
+    class StandIn(type(clone)):
+        asked: list[int] = []
+
+        def search(self, x, k, **kw):
+            need = int(k * self.k_factor) if isinstance(self, faiss.IndexRefine) else k
+            StandIn.asked.append(need)
+            if need > limit:
+                raise RuntimeError(f"Error in void faiss::gpu::validateKSelect(int, bool) at IndexUtils.cu:28: GPU "
+                                   f"index only supports min/max-K selection up to {limit} (requested {need})")
+            return super().search(x, k, **kw)
+
+    clone.__class__ = StandIn
+    return clone
+
+
+@pytest.mark.parametrize("case", ["flat", "ivfpq+refine"])
+def test_search_beyond_the_gpu_k_limit(tmp_path, monkeypatch, case):
+    """A GPU index stand-in that refuses k > 2048: full-depth flat and IVF-PQ + refine (depth 1000 x refine 4 = 4000
+    asked of the base) still give the ranking of a search without the limit, and the results say what happened."""
+    import delg.search as S
+
+    opts = ("search.index=ivfpq", "search.m=8", "search.nbits=6", "search.nlist=16", "search.nprobe=8",
+            "search.refine=4", "ranks.depth=1000") if case != "flat" else ()
+    conf, ds, X, Q = make_case(tmp_path / "cpu", 2600, 3, 32, 13, (), "search.gpu=false", *opts)
+    want = np.load(main(conf, ds))
+    made = []
+    monkeypatch.setattr(S, "_use_gpu", lambda setting: True)
+    monkeypatch.setattr(S, "to_gpu", lambda cpu: made.append(gpu_standin(cpu)) or made[-1])
+    conf, ds, _, _ = make_case(tmp_path / "gpu", 2600, 3, 32, 13, (), "search.gpu=true", *opts)
+    path = main(conf, ds)
+    assert made and type(made[0]).__mro__[1].__name__ == ("IndexFlatIP" if case == "flat" else "IndexRefine")
+    np.testing.assert_array_equal(np.load(path), want)
+    assert all(k <= 2048 for k in type(made[0]).asked)  # nothing beyond the limit was asked of the GPU copy
+    rec = S.search_record(path)
+    assert rec["gpu"] is True and rec["index"] == case and len(rec["gpu_fallbacks"]) == 1
+    assert "GPU top-k limit (2048)" in rec["gpu_fallbacks"][0]
+    if case == "flat":
+        assert rec["exact"] is True and rec["depth"] == 2600 and rec["ranking_cut"] is False
+        np.testing.assert_array_equal(want, numpy_ranks(X, Q)[0])
+        # within the limit the GPU copy searches
+        conf.ranks.depth = 50
+        path = main(conf, ds)
+        np.testing.assert_array_equal(np.load(path), want[:50])
+        assert type(made[0]).asked[-1] == 50 and S.search_record(path)["gpu_fallbacks"] == []
+    else:
+        assert rec["refine"] == 4 and rec["nprobe"] == 8 and rec["ranking_cut"] is True
+
+
+def test_gpu_refusal_at_run_time_falls_back_to_the_cpu(tmp_path, monkeypatch):
+    """A GPU limit lower than GPU_MAX_K (older FAISS builds: 1024) is caught when the GPU copy refuses."""
+    import delg.search as S
+
+    conf, ds, X, Q = make_case(tmp_path, 1500, 2, 16, 14, (), "search.gpu=true", "ranks.depth=1200")
+    monkeypatch.setattr(S, "_use_gpu", lambda setting: True)
+    monkeypatch.setattr(S, "to_gpu", lambda cpu: gpu_standin(cpu, limit=1024))
+    path = main(conf, ds)
+    np.testing.assert_array_equal(np.load(path), numpy_ranks(X, Q)[0][:1200])
+    notes = S.search_record(path)["gpu_fallbacks"]
+    assert len(notes) == 1 and "refused k=1200" in notes[0] and "up to 1024 (requested 1200)" in notes[0]
