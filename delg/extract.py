@@ -480,6 +480,8 @@ class StoreJob:
     items: list[Item]
     local: bool  # extract local features (false: globals only, the distractor store)
     desc: str
+    # Images whose local features may be added later beside the store (on demand): counted in the disk check.
+    on_demand: int = 0
 
 
 def store_jobs(conf: Config, dataset: Any, split: str) -> list[StoreJob]:
@@ -493,9 +495,12 @@ def store_jobs(conf: Config, dataset: Any, split: str) -> list[StoreJob]:
     if dpath is None:
         return [own]
     n_own = dataset.n_db - dataset.n_distractors
+    # At most top_k x n_queries distractors are ever verified by DELG-local (the only verifier reading stores).
+    methods = list(conf.get("rerank", {}).get("methods") or [])
+    later = min(dataset.n_distractors, int(conf.rerank.top_k) * dataset.n_queries) if "delg" in methods else 0
     return [replace(own, items=items[:n_own]),
             StoreJob(dpath, "distractors", distractor_settings(conf), items[n_own:], False,
-                     f"{dataset.distractor_id} (globals)")]
+                     f"{dataset.distractor_id} (globals)", on_demand=later)]
 
 
 def extract_split(
@@ -546,7 +551,7 @@ def extract_store(conf: Config, job: StoreJob, get_model: Callable[[], torch.nn.
         if overwrite and shard is not None and st.attrs().get("complete"):
             del st.f.attrs["complete"]
         failures = _run(conf, st, todo, get_model, target, total=len(mine), desc=job.desc, xs=xs,
-                        sharded=shard is not None)
+                        sharded=shard is not None, on_demand=job.on_demand if shard is None else 0)
         done = set(st.names()) | already
         n_skipped = _update_skipped(target, failures, done)
         missing = len([it for it in mine if it.name not in done])
@@ -581,13 +586,15 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
 
 
-def check_disk_space(folder: Path, n_images: int, per_image: int, sharded: bool) -> int:
+def check_disk_space(folder: Path, n_images: int, per_image: int, sharded: bool, later: int = 0) -> int:
     """Print the disk an extraction needs in ``folder`` and refuse (:class:`DiskSpaceError`) when it is more than
     the free space.  A sharded run needs twice its part: the merge copies the parts into the store before it
-    deletes them.  Returns the bytes needed."""
-    need = n_images * per_image * (2 if sharded else 1)
+    deletes them.  ``later``: bytes that on-demand features may add beside the store.  Returns the bytes needed."""
+    need = n_images * per_image * (2 if sharded else 1) + later
     free = shutil.disk_usage(folder).free
     why = " (x2: the merge copies the part)" if sharded else ""
+    if later:
+        why += f" (incl. ~{_gib(later)} for local features extracted on demand)"
     print(f"[extract] {folder}: {n_images} image(s) need ~{_gib(need)}{why}; {_gib(free)} free", file=sys.stderr)
     if free < need:
         raise DiskSpaceError(f"{folder}: not enough disk space for the extraction: {n_images} image(s) need "
@@ -606,6 +613,7 @@ def _run(
     desc: str,
     xs: ExtractSettings | None = None,
     sharded: bool = False,
+    on_demand: int = 0,
 ) -> dict[str, dict[str, str]]:
     progress = sidecar(target, "progress")
     n_done = total - len(todo)
@@ -617,9 +625,10 @@ def _run(
     model = get_model()
     meta = _json_safe(getattr(model, "meta", {}))
     # Before the first image: the sizes come from the model (checkpoints decide them, not the config).
-    per_image = bytes_per_image(int(meta.get("global_dim") or 2048), int(meta.get("local_dim") or 1024), xs,
-                                bool(conf.extract.float16))
-    check_disk_space(target.parent, len(todo), per_image, sharded)
+    dims = int(meta.get("global_dim") or 2048), int(meta.get("local_dim") or 1024)
+    f16 = bool(conf.extract.float16)
+    later = on_demand * bytes_per_image(*dims, ExtractSettings.from_conf(conf), f16) if on_demand else 0
+    check_disk_space(target.parent, len(todo), bytes_per_image(*dims, xs, f16), sharded, later)
     st.set_model_meta(meta)
     dev = next(model.parameters()).device
     mp = bool(conf.get("mixed_precision", False)) and dev.type == "cuda"

@@ -1,4 +1,7 @@
-"""Global search: FAISS over the database store's global descriptors, rankings in revisitop's layout.
+"""Global search: FAISS over the database's global descriptors, rankings in revisitop's layout.
+
+The database is read through ``delg.extract.open_db_store``: the benchmark's db store, plus the shared distractor
+store with ``dataset.distractors`` (float16 stores are read as float32).
 
 Outputs (``main``), under ``<output_dir>/ranks/``:
     ``global.npy``          (depth, n_queries) int64: row r of column j = the database index ranked r-th for query j

@@ -186,6 +186,10 @@ def test_disk_check_refuses_before_any_image(runs, tmp_path: Path, monkeypatch: 
     assert "free" in msg and "need" in msg
     assert count.calls == []  # refused before the first image
     assert "need ~" in capsys.readouterr().err  # the estimate is printed
+    # with DELG-local reranking, the check also counts the local features at most top_k x n_queries distractors get
+    jobs = E.store_jobs(load_config(None, [f"output_dir={tmp_path}", "rerank.methods=[delg]", "rerank.top_k=4"]),
+                        runs.ds_a, "db")
+    assert [j.on_demand for j in jobs] == [0, min(runs.ds_a.n_distractors, 4 * runs.ds_a.n_queries)]
 
 
 def test_disk_estimate_and_sharded_doubling(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
