@@ -168,7 +168,7 @@ def _load_file_chain(path: Path, schema: Mapping[str, Any], seen: tuple[Path, ..
 # against the file's own folder, so a config means the same files from whatever folder a script is run in.
 # Paths given on the command line stay relative to the current folder, as in any command.
 PATH_KEYS = ("output_dir", "query", "dataset.root", "dataset.distractors", "model.checkpoint", "train.csv",
-             "train.images", "loftr.weights", "rerank.global_ranks")
+             "train.images", "loftr.weights", "rerank.global_ranks", "extract.distractor_dir")
 
 
 def _anchor_paths(data: dict[str, Any], config_file: Path) -> dict[str, Any]:

@@ -14,6 +14,16 @@ Outputs, under ``<output_dir>/features/<dataset>/``:
     ``<store>.skipped.json``                    images that could not be read (skipped, the rest proceeds)
     ``<store>.progress.json``                   images done / total, rewritten after every image
 
+Distractors (``dataset.distractors``, e.g. the 1M of ROxford+1M / RParis+1M) are not part of the benchmark's db
+store: their global descriptors go to one store that does not depend on the benchmark,
+``<extract.distractor_dir>/<distractor id>/<preset>-distractors.h5`` (globals only), shared by every run with the
+same folder, model and settings; local features of a distractor are extracted only when a verifier that reads the
+stores (DELG-local) asks for them, into ``<preset>-distractors-local.h5`` beside it (:class:`OnDemandLocals`).
+Search reads the two database stores as one (:func:`open_db_store`).
+
+Before the first image of a store, the disk space it needs is estimated and printed; a folder with less free
+space refuses the run (:class:`DiskSpaceError`).
+
 Sharding (``shard=i/n`` or torchrun's RANK/WORLD_SIZE): part ``i`` takes images ``i, i+n, ...`` of each split into
 ``<preset>-<split>.part-i-of-n.h5``; the last part to finish merges all parts into the store (``extract.merge=true``
 merges by hand, e.g. after a crash of the last one).  Run on its own::
@@ -26,10 +36,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -43,13 +54,17 @@ from tqdm import tqdm
 from delg.config import Config, ConfigError, dump_config, run_stage
 from delg.data.images import ImageReadError, load_pil, resize_max_side
 from delg.errors import ProjectError
-from delg.store import FeatureStore, StoreError
+from delg.store import FeatureStore, StoreError, StoreUnion
 
 SCALE_TOL = 1e-6
 
 
 class ExtractError(ProjectError, ValueError):
     """An extraction setting is invalid; the message names the key."""
+
+
+class DiskSpaceError(ProjectError, OSError):
+    """The folder of a store has less free space than the extraction needs; the message names both."""
 
 
 # ---------------------------------------------------------------------------------------------- settings, names
@@ -237,6 +252,59 @@ def features_dir(conf: Config, dataset_name: str) -> Path:
 def store_path(conf: Config, dataset_name: str, split: str) -> Path:
     """Path of the (merged) store of one split: ``<output_dir>/features/<dataset>/<preset>-<split>.h5``."""
     return features_dir(conf, dataset_name) / f"{preset_name(conf)}-{split_tag(conf, split)}.h5"
+
+
+def distractor_dir(conf: Config) -> Path:
+    """Root of the distractor stores: ``extract.distractor_dir``, default ``<output_dir>/features``."""
+    d = conf.extract.get("distractor_dir")
+    if d in (None, ""):
+        return Path(conf.output_dir) / "features"
+    if not isinstance(d, (str, Path)):
+        raise ExtractError(f"extract.distractor_dir: expected a folder path, got {d!r}")
+    return Path(d)
+
+
+def distractor_store_path(conf: Config, dataset: Any) -> Path | None:
+    """Globals of the distractors: ``<distractor_dir>/<distractor id>/<preset>-distractors.h5``; ``None`` when the
+    dataset has no separately stored distractors.  Nothing of the benchmark is in the path: ROxford+1M and
+    RParis+1M with the same model and settings (same preset) share one file."""
+    did = getattr(dataset, "distractor_id", None)
+    if not did or not getattr(dataset, "n_distractors", 0):
+        return None
+    return distractor_dir(conf) / did / f"{preset_name(conf)}-distractors.h5"
+
+
+def distractor_local_path(conf: Config, dataset: Any) -> Path | None:
+    """Local features of the distractors that reached some top K (on demand), beside the distractor store."""
+    p = distractor_store_path(conf, dataset)
+    return None if p is None else p.with_name(f"{preset_name(conf)}-distractors-local.h5")
+
+
+def distractor_settings(conf: Config) -> dict[str, Any]:
+    """Settings recorded in the distractor store: the run's (hashed into the preset) + globals only."""
+    return dict(extraction_settings(conf, "distractors"), stored="global")
+
+
+def db_store_paths(conf: Config, dataset: Any) -> list[Path]:
+    """The files that hold the database: the benchmark's db store, then the distractor store if any."""
+    d = distractor_store_path(conf, dataset)
+    return [store_path(conf, dataset.name, "db")] + ([d] if d is not None else [])
+
+
+def open_db_store(conf: Config, dataset: Any) -> FeatureStore | StoreUnion:
+    """The database for reading, one view whatever the files: the db store, or the db store + the distractor store
+    (:class:`delg.store.StoreUnion`).  The one way stages open the database."""
+    preset = preset_name(conf)
+    paths = db_store_paths(conf, dataset)
+    own = FeatureStore(paths[0], "r", preset=preset)
+    if len(paths) == 1:
+        return own
+    try:
+        dis = FeatureStore(paths[1], "r", preset=preset)
+    except BaseException:
+        own.close()
+        raise
+    return StoreUnion([own, dis])
 
 
 def part_path(main: Path, i: int, n: int) -> Path:
@@ -595,6 +663,39 @@ def _update_skipped(store: Path, failures: Mapping[str, dict[str, str]], done: s
 
 
 # ---------------------------------------------------------------------------------------------- one split
+@dataclass(frozen=True)
+class StoreJob:
+    """One store to fill: its path, what it records, the images and what to extract of them."""
+
+    path: Path
+    tag: str  # the split recorded in the store: db, query, query_full, distractors
+    settings: dict[str, Any]
+    items: list[Item]
+    local: bool  # extract local features (false: globals only, the distractor store)
+    desc: str
+    # Images whose local features may be added later beside the store (on demand): counted in the disk check.
+    on_demand: int = 0
+
+
+def store_jobs(conf: Config, dataset: Any, split: str) -> list[StoreJob]:
+    """The stores of one split: one, or for ``db`` with distractors the benchmark's db store (global + local)
+    and the shared distractor store (globals only; their local features come on demand)."""
+    items = split_items(dataset, split, conf)
+    tag = split_tag(conf, split)
+    own = StoreJob(store_path(conf, dataset.name, split), tag, extraction_settings(conf, tag), items,
+                   bool(conf.extract.local), f"{dataset.name} {split}")
+    dpath = distractor_store_path(conf, dataset) if split == "db" else None
+    if dpath is None:
+        return [own]
+    n_own = dataset.n_db - dataset.n_distractors
+    # At most top_k x n_queries distractors are ever verified by DELG-local (the only verifier reading stores).
+    methods = list(conf.get("rerank", {}).get("methods") or [])
+    later = min(dataset.n_distractors, int(conf.rerank.top_k) * dataset.n_queries) if "delg" in methods else 0
+    return [replace(own, items=items[:n_own]),
+            StoreJob(dpath, "distractors", distractor_settings(conf), items[n_own:], False,
+                     f"{dataset.distractor_id} (globals)", on_demand=later)]
+
+
 def extract_split(
     conf: Config,
     dataset_name: str,
@@ -603,12 +704,22 @@ def extract_split(
     get_model: Callable[[], torch.nn.Module],
 ) -> Path:
     """Extract one split (or this process's shard of it) into its store; returns the main store's path."""
-    main_path = store_path(conf, dataset_name, split)
+    tag = split_tag(conf, split)
+    job = StoreJob(store_path(conf, dataset_name, split), tag, extraction_settings(conf, tag), list(items),
+                   bool(conf.extract.local), f"{dataset_name} {split}")
+    return extract_store(conf, job, get_model)
+
+
+def extract_store(conf: Config, job: StoreJob, get_model: Callable[[], torch.nn.Module]) -> Path:
+    """Fill one store (or this process's shard of it) with ``job.items``; returns the main store's path."""
+    main_path = job.path
     preset = preset_name(conf)
-    settings = extraction_settings(conf, split_tag(conf, split))
+    settings = job.settings
+    items = job.items
     shard = parse_shard(conf)
     overwrite = bool(conf.get("overwrite", False))
     float16 = bool(conf.extract.float16)
+    xs = replace(ExtractSettings.from_conf(conf), local=job.local)
     already: set[str] = set()
     if shard is None:
         target = main_path
@@ -626,13 +737,14 @@ def extract_split(
             except StoreError as e:
                 print(f"[extract] {e}; this shard redoes its images", file=sys.stderr)
     extra = {"shard": f"{shard[0]}/{shard[1]}", "part_total": len(mine)} if shard else None
-    st = FeatureStore(target, "a", preset=preset, settings=settings, split=split_tag(conf, split), float16=float16,
+    st = FeatureStore(target, "a", preset=preset, settings=settings, split=job.tag, float16=float16,
                       extra_attrs=extra)
     try:
         todo = [it for it in mine if overwrite or not (st.has(it.name) or it.name in already)]
         if overwrite and shard is not None and st.attrs().get("complete"):
             del st.f.attrs["complete"]
-        failures = _run(conf, st, todo, get_model, target, total=len(mine), desc=f"{dataset_name} {split}")
+        failures = _run(conf, st, todo, get_model, target, total=len(mine), desc=job.desc, xs=xs,
+                        sharded=shard is not None, on_demand=job.on_demand if shard is None else 0)
         done = set(st.names()) | already
         n_skipped = _update_skipped(target, failures, done)
         missing = len([it for it in mine if it.name not in done])
@@ -646,6 +758,44 @@ def extract_split(
     return main_path
 
 
+# ---------------------------------------------------------------------------------------------- disk space
+# HDF5 bytes per image beyond the arrays (group + one object header per dataset), measured with h5py: ~1.7 kB for
+# a global-only image, ~2.6 kB with local features; rounded up.
+GROUP_OVERHEAD = 1024
+DATASET_OVERHEAD = 512
+
+
+def bytes_per_image(global_dim: int, local_dim: int, xs: ExtractSettings, float16: bool) -> int:
+    """Upper estimate of one image's bytes in a store: its arrays at their stored types + HDF5 overhead."""
+    fbytes = 2 if float16 else 4
+    n = global_dim * fbytes + 16 + GROUP_OVERHEAD + 2 * DATASET_OVERHEAD  # global, image_size (int64 x 2)
+    if xs.local:
+        # keypoints (2 x float32) + scores (float32) stay float32; descriptors follow extract.float16
+        n += xs.max_keypoints * (local_dim * fbytes + 12) + 3 * DATASET_OVERHEAD
+    return n
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
+
+
+def check_disk_space(folder: Path, n_images: int, per_image: int, sharded: bool, later: int = 0) -> int:
+    """Print the disk an extraction needs in ``folder`` and refuse (:class:`DiskSpaceError`) when it is more than
+    the free space.  A sharded run needs twice its part: the merge copies the parts into the store before it
+    deletes them.  ``later``: bytes that on-demand features may add beside the store.  Returns the bytes needed."""
+    need = n_images * per_image * (2 if sharded else 1) + later
+    free = shutil.disk_usage(folder).free
+    why = " (x2: the merge copies the part)" if sharded else ""
+    if later:
+        why += f" (incl. ~{_gib(later)} for local features extracted on demand)"
+    print(f"[extract] {folder}: {n_images} image(s) need ~{_gib(need)}{why}; {_gib(free)} free", file=sys.stderr)
+    if free < need:
+        raise DiskSpaceError(f"{folder}: not enough disk space for the extraction: {n_images} image(s) need "
+                             f"~{_gib(need)}{why}, {_gib(free)} free; free some space or point output_dir "
+                             f"(extract.distractor_dir for distractors) to a larger disk")
+    return need
+
+
 def _run(
     conf: Config,
     st: FeatureStore,
@@ -654,6 +804,9 @@ def _run(
     target: Path,
     total: int,
     desc: str,
+    xs: ExtractSettings | None = None,
+    sharded: bool = False,
+    on_demand: int = 0,
 ) -> dict[str, dict[str, str]]:
     progress = sidecar(target, "progress")
     n_done = total - len(todo)
@@ -661,9 +814,15 @@ def _run(
     failures: dict[str, dict[str, str]] = {}
     if not todo:
         return failures
-    xs = ExtractSettings.from_conf(conf)
+    xs = xs if xs is not None else ExtractSettings.from_conf(conf)
     model = get_model()
-    st.set_model_meta(_json_safe(getattr(model, "meta", {})))
+    meta = _json_safe(getattr(model, "meta", {}))
+    # Before the first image: the sizes come from the model (checkpoints decide them, not the config).
+    dims = int(meta.get("global_dim") or 2048), int(meta.get("local_dim") or 1024)
+    f16 = bool(conf.extract.float16)
+    later = on_demand * bytes_per_image(*dims, ExtractSettings.from_conf(conf), f16) if on_demand else 0
+    check_disk_space(target.parent, len(todo), bytes_per_image(*dims, xs, f16), sharded, later)
+    st.set_model_meta(meta)
     dev = next(model.parameters()).device
     mp = bool(conf.get("mixed_precision", False)) and dev.type == "cuda"
     nw = int(conf.get("num_workers", 0) or 0)
@@ -770,7 +929,8 @@ def main(conf: Config, dataset: Any = None) -> Path:
     """Extract the splits ``extract.splits`` of the configured dataset; returns the folder of the stores.
 
     Images already in a store are skipped (``overwrite=true`` redoes them); the model is built only when there is
-    something to extract.  ``dataset`` (a ``RetrievalDataset``) overrides ``load_dataset(conf)``.
+    something to extract.  ``dataset`` (a ``RetrievalDataset``) overrides ``load_dataset(conf)``.  With
+    distractors, split ``db`` fills two stores (:func:`store_jobs`).
     """
     check_weights(conf)  # before the dataset is even looked at
     ExtractSettings.from_conf(conf)  # fail early on bad settings
@@ -790,31 +950,103 @@ def main(conf: Config, dataset: Any = None) -> Path:
         return model_box[0]
 
     for split in conf.extract.splits:
-        if bool(conf.extract.merge):
-            main_path = store_path(conf, dataset.name, split)
-            preset, settings = preset_name(conf), extraction_settings(conf, split_tag(conf, split))
-            for n in _part_sets(main_path):
-                merge_parts(main_path, n, preset, settings, force=True)
-            continue
-        extract_split(conf, dataset.name, split, split_items(dataset, split, conf), get_model)
+        for job in store_jobs(conf, dataset, split):
+            if bool(conf.extract.merge):
+                for n in _part_sets(job.path):
+                    merge_parts(job.path, n, preset_name(conf), job.settings, force=True)
+                continue
+            extract_store(conf, job, get_model)
     return out
 
 
 def stores_complete(conf: Config, dataset: Any, split: str) -> bool:
-    """Every image of ``split`` is in its store or listed as unreadable."""
-    path = store_path(conf, dataset.name, split)
-    if not path.is_file():
-        return False
-    names = [it.name for it in split_items(dataset, split, conf)]
-    skipped = set()
-    sk = sidecar(path, "skipped")
-    if sk.is_file():
-        skipped = {d["name"] for d in json.loads(sk.read_text())}
-    try:
-        with FeatureStore(path, "r") as st:
-            return all(st.has(n) or n in skipped for n in names)
-    except StoreError:
-        return False
+    """Every image of ``split`` is in its store(s) or listed as unreadable."""
+    for job in store_jobs(conf, dataset, split):
+        path = job.path
+        if not path.is_file():
+            return False
+        skipped = set()
+        sk = sidecar(path, "skipped")
+        if sk.is_file():
+            skipped = {d["name"] for d in json.loads(sk.read_text())}
+        try:
+            with FeatureStore(path, "r") as st:
+                if not all(st.has(it.name) or it.name in skipped for it in job.items):
+                    return False
+        except StoreError:
+            return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------- on-demand locals
+class OnDemandLocals:
+    """Local features of distractors, extracted the first time a verifier asks for them.
+
+    Only images that reach some query's top K are ever verified, so the 1M distractors keep globals only and the
+    few thousand that matter get their local features here, appended to ``<preset>-distractors-local.h5`` beside
+    the distractor store: same preset -> shared by ROxford+1M and RParis+1M, kept across runs (resumable), and
+    written under the store's lock (two runs at once wait for each other, never write it together).  Features
+    are computed exactly as an up-front extraction computes them (same loader, same settings, same seeded model).
+
+    Args:
+        conf: the run config (model, extract settings, device).
+        dataset: the dataset whose distractors this serves.
+    """
+
+    def __init__(self, conf: Config, dataset: Any) -> None:
+        path = distractor_local_path(conf, dataset)
+        if path is None:
+            raise ValueError("OnDemandLocals: the dataset has no separately stored distractors")
+        self.conf = conf
+        self.path = path
+        self.preset = preset_name(conf)
+        self.settings = extraction_settings(conf, "distractors-local")
+        self.xs = ExtractSettings.from_conf(conf)
+        n_own = dataset.n_db - dataset.n_distractors
+        self.items = {n: Item(n, Path(p)) for n, p in zip(dataset.db_names[n_own:], dataset.db_paths[n_own:])}
+        self._model: torch.nn.Module | None = None
+        self.n_extracted = 0  # images extracted by this object (the rest were in the store already)
+
+    def covers(self, name: str) -> bool:
+        """``name`` is one of the distractors."""
+        return name in self.items
+
+    def _get_model(self) -> torch.nn.Module:
+        if self._model is None:  # built once, and only if some distractor needs extracting
+            self._model = load_model(self.conf)
+        return self._model
+
+    def read_local(self, name: str) -> dict[str, np.ndarray]:
+        """``{'keypoints' (N, 2), 'descriptors' (N, d), 'scores' (N,)`` float32, ``'image_size' (2,)`` int64}``,
+        extracted and stored first if missing.
+
+        Raises:
+            ImageReadError: the image cannot be read (the reranker counts it like any unreadable image).
+        """
+        from delg.data.images import ImageReadError
+
+        # Opened for writing even to read: the lock keeps a concurrent run (the other benchmark) from writing
+        # while this one reads; HDF5 gives no such guarantee on its own.
+        with FeatureStore(self.path, "a", preset=self.preset, settings=self.settings, split="distractors-local",
+                          float16=bool(self.conf.extract.float16), wait=True) as st:
+            if not st.has(name):
+                sample = ImageLoader([self.items[name]], self.xs.max_size)[0]
+                if "error" in sample:
+                    raise ImageReadError(sample["error"])
+                model = self._get_model()
+                st.set_model_meta(_json_safe(getattr(model, "meta", {})))
+                mp = bool(self.conf.get("mixed_precision", False)) and next(model.parameters()).device.type == "cuda"
+                feats = extract_multiscale(model, sample["image"], self.xs, orig_size=tuple(sample["size"]),
+                                           mixed_precision=mp)
+                st.write(name, feats)
+                st.commit()
+                self.n_extracted += 1
+            return st.read_local(name)
+
+
+def distractor_locals(conf: Config, dataset: Any) -> OnDemandLocals | None:
+    """The on-demand local features of the dataset's distractors; ``None`` without a distractor store."""
+    return OnDemandLocals(conf, dataset) if distractor_store_path(conf, dataset) is not None else None
 
 
 if __name__ == "__main__":

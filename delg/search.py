@@ -1,4 +1,7 @@
-"""Global search: FAISS over the database store's global descriptors, rankings in revisitop's layout.
+"""Global search: FAISS over the database's global descriptors, rankings in revisitop's layout.
+
+The database is read through ``delg.extract.open_db_store``: the benchmark's db store, plus the shared distractor
+store with ``dataset.distractors`` (float16 stores are read as float32).
 
 Outputs (``main``), under ``<output_dir>/ranks/``:
     ``global.npy``          (depth, n_queries) int64: row r of column j = the database index ranked r-th for query j
@@ -43,11 +46,13 @@ from tqdm import tqdm
 from delg.config import Config, dump_config, run_stage
 from delg.errors import ProjectError
 from delg.extract import (
+    db_store_paths,
+    open_db_store,
     preset_name,
     store_path,
     stores_complete,
 )
-from delg.store import FeatureStore
+from delg.store import FeatureStore, StoreUnion
 
 INDEX_KINDS = ("flat", "ivfpq")
 MISSING_SCORE = np.float32(-np.inf)
@@ -443,7 +448,7 @@ def _chunks(names: Sequence[str], size: int) -> Iterator[tuple[int, Sequence[str
         yield s, names[s : s + size]
 
 
-def _build(st: FeatureStore, names: Sequence[str], conf: Config, progress: bool) -> faiss.Index:
+def _build(st: FeatureStore | StoreUnion, names: Sequence[str], conf: Config, progress: bool) -> faiss.Index:
     sc = conf.search
     d = st.global_dim()
     n = len(names)
@@ -491,11 +496,12 @@ def _dba(index: faiss.Index, conf: Config, progress: bool) -> faiss.Index:
     return new
 
 
-def index_key(conf: Config, db_path: Path, names: Sequence[str]) -> str:
+def index_key(conf: Config, db_path: Path | Sequence[Path], names: Sequence[str]) -> str:
     sc = conf.search
     h = hashlib.sha1()
     h.update(preset_name(conf).encode())
-    h.update(str(db_path.stat().st_size).encode())
+    for p in [db_path] if isinstance(db_path, Path) else db_path:  # the db store (+ the distractor store)
+        h.update(str(p.stat().st_size).encode())
     h.update("\n".join(names).encode())
     fields = {"index": sc.index, "dba_k": sc.dba_k, "alpha": sc.alpha if sc.dba_k else None, "seed": conf.seed}
     if sc.index == "ivfpq":
@@ -511,8 +517,9 @@ def get_index(conf: Config, dataset: Any) -> DatabaseIndex:
     """Load the saved index if its key matches the database store, else build (and save) it."""
     check_settings(conf)
     progress = bool(conf.get("progress", True))
-    db_path = store_path(conf, dataset.name, "db")
-    with FeatureStore(db_path, "r", preset=preset_name(conf)) as st:
+    db_paths = db_store_paths(conf, dataset)
+    db_path = db_paths[0]
+    with open_db_store(conf, dataset) as st:  # one view of the db store (+ the shared distractor store)
         have = st.names()
         have_set = set(have)
         present = np.array([i for i, n in enumerate(dataset.db_names) if n in have_set], np.int64)
@@ -522,7 +529,7 @@ def get_index(conf: Config, dataset: Any) -> DatabaseIndex:
                   f"(see the .skipped.json beside {db_path.name}); they rank last", file=sys.stderr)
         if not names:
             raise SearchError(f"{db_path}: no database image has features")
-        key = index_key(conf, db_path, names)
+        key = index_key(conf, db_paths, names)
         path = db_path.with_name(f"{db_path.stem}.{conf.search.index}-{key}.faiss")
         reuse = bool(conf.search.save_index) and not conf.get("overwrite", False)
         if reuse and str(path) in _CACHE:

@@ -426,6 +426,90 @@ class FeatureStore:
             pass
 
 
+class StoreUnion:
+    """Read-only view of several stores as one (a benchmark's database store + the shared distractor store).
+
+    An image is read from the first store that has it; ``names`` is the sorted union.  Presents the reading part of
+    :class:`FeatureStore` (``names/has/read_global(s)/read_local/read/global_dim/model_meta``), so the search does
+    not need to know how many files hold the database.
+
+    Args:
+        stores: opened stores, in priority order; the view closes them on :meth:`close`.
+    """
+
+    def __init__(self, stores: Sequence[FeatureStore]) -> None:
+        if not stores:
+            raise ValueError("StoreUnion needs at least one store")
+        self.stores = list(stores)
+        self.path = self.stores[0].path
+        self._owner: dict[str, int] | None = None
+
+    def _owners(self) -> dict[str, int]:
+        if self._owner is None:
+            owner: dict[str, int] = {}
+            for i in reversed(range(len(self.stores))):  # earlier stores win
+                owner.update(dict.fromkeys(self.stores[i].names(), i))
+            self._owner = owner
+        return self._owner
+
+    def _store_of(self, name: str) -> FeatureStore:
+        i = self._owners().get(name)
+        if i is None:
+            raise KeyError(f"{', '.join(str(s.path) for s in self.stores)}: no features for image '{name}'")
+        return self.stores[i]
+
+    @property
+    def model_meta(self) -> dict[str, Any] | None:
+        return self.stores[0].model_meta
+
+    def names(self) -> list[str]:
+        return sorted(self._owners())
+
+    def has(self, name: str) -> bool:
+        return name in self._owners()
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.has(name)
+
+    def __len__(self) -> int:
+        return len(self._owners())
+
+    def global_dim(self) -> int:
+        for st in self.stores:
+            if len(st):
+                return st.global_dim()
+        return self.stores[0].global_dim()
+
+    def read_global(self, name: str) -> np.ndarray:
+        """``(D,)`` float32."""
+        return self._store_of(name).read_global(name)
+
+    def read_globals(self, names: Sequence[str]) -> np.ndarray:
+        """``(N, D)`` float32 in the order of ``names`` (float16 stores are cast)."""
+        if len(names) == 0:
+            return np.zeros((0, self.global_dim()), np.float32)
+        out = np.empty((len(names), self.global_dim()), np.float32)
+        for i, n in enumerate(names):
+            out[i] = self.read_global(n)
+        return out
+
+    def read_local(self, name: str) -> dict[str, np.ndarray]:
+        return self._store_of(name).read_local(name)
+
+    def read(self, name: str) -> dict[str, np.ndarray]:
+        return self._store_of(name).read(name)
+
+    def close(self) -> None:
+        for st in self.stores:
+            st.close()
+
+    def __enter__(self) -> StoreUnion:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def _cast(feats: Mapping[str, Any], float16: bool) -> dict[str, np.ndarray]:
     out = {}
     for k, v in feats.items():

@@ -34,6 +34,9 @@ class DelgLocalVerifier(Verifier):
         conf: the ``delg_local`` section.
         device: unused (matching is a small CPU matrix product).
         stores: ``{'query': Path, 'db': Path}`` feature store files (one file for both is fine).
+        on_demand: local features of images the db store does not hold (the distractors, stored with globals
+            only): ``covers(name) -> bool`` and ``read_local(name)`` like :meth:`FeatureStore.read_local`, extracting
+            them on first use (:class:`delg.extract.OnDemandLocals`).
     """
 
     name = "delg"
@@ -49,8 +52,10 @@ class DelgLocalVerifier(Verifier):
         conf: dict[str, Any] | None = None,
         device: torch.device | str = "cpu",
         stores: Mapping[str, str | Path] | None = None,
+        on_demand: Any = None,
     ) -> None:
         super().__init__(conf, device)
+        self.on_demand = on_demand
         if not stores or "query" not in stores or "db" not in stores:
             raise VerifierUnavailable("delg verifier needs stores={'query': <query store .h5>, 'db': <db store .h5>} "
                                       "(run delg.extract first)")
@@ -82,11 +87,13 @@ class DelgLocalVerifier(Verifier):
         ``descriptors`` :math:`(N, d)` float32 of ``ref`` (``ref.key`` starting with 'query/' reads the query store)."""
         which = "query" if ref.key.startswith("query/") else "db"
         st = self._store(which)
-        if not st.has(ref.name):
+        from_demand = which == "db" and not st.has(ref.name) and self.on_demand is not None and self.on_demand.covers(ref.name)
+        if not (from_demand or st.has(ref.name)):
             # Extraction skipped it (unreadable image): the reranker counts it like an image that fails to decode.
             raise ImageReadError(f"{self.paths[which]}: no features for image '{ref.name}' (not extracted)")
         try:
-            local = st.read_local(ref.name)
+            # A distractor that reached the top K: its local features are extracted now (once, then stored).
+            local = self.on_demand.read_local(ref.name) if from_demand else st.read_local(ref.name)
         except StoreError as e:  # extracted without local features
             raise VerifierUnavailable(f"{e}; re-extract with local features for the delg verifier") from None
         kp = local["keypoints"].reshape(-1, 2)

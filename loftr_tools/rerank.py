@@ -614,10 +614,12 @@ def open_reranker(conf: Any, dataset: Any, method: str) -> Reranker:
     rc = conf.rerank
     ctx: dict[str, Any] = {}
     if method == "delg":
-        from delg.extract import store_path
+        from delg.extract import distractor_locals, store_path
 
         ctx["stores"] = {"query": Path(rc.query_store) if rc.get("query_store") else store_path(conf, dataset.name, "query"),
                          "db": Path(rc.db_store) if rc.get("db_store") else store_path(conf, dataset.name, "db")}
+        # Distractors have globals only; their local features are extracted when first verified.
+        ctx["on_demand"] = distractor_locals(conf, dataset)
     verifier = build_verifier(method, conf, conf.device, **ctx)
     cache = Reranker.default_cache_path(conf.output_dir, verifier, conf.ransac) if rc.cache else None
     return Reranker(verifier, conf.ransac, cache, rc.feature_cache_mb, bool(conf.progress),

@@ -10,6 +10,8 @@
 
 ``conf.dataset.distractors`` appends every image under that folder to the database (named
 ``distractors/<relative path>``), for any type; ``conf.dataset.query_crop=false`` drops the query boxes.
+The distractors keep an identity of their own (``distractor_id``, from the folder's absolute path): their
+features go to one store shared by every benchmark run with the same folder and model settings (``delg.extract``).
 """
 
 from __future__ import annotations
@@ -47,7 +49,10 @@ class RetrievalDataset:
     query_names: list[str]
     query_bbx: list[tuple[float, float, float, float] | None]  # crop box of each query, None = whole image
     gnd: GroundTruth
-    n_distractors: int = 0
+    n_distractors: int = 0  # the last n_distractors database images are distractors
+    # Identity of the distractor folder (``distractors-<hash of its absolute path>``): names the distractor feature
+    # store, shared by ROxford+1M and RParis+1M; None keeps every database image in the benchmark's own store.
+    distractor_id: str | None = None
     notes: dict[str, str] = field(default_factory=dict)  # how it was made, for results.json
 
     @property
@@ -57,6 +62,11 @@ class RetrievalDataset:
     @property
     def n_queries(self) -> int:
         return len(self.query_paths)
+
+    @property
+    def n_own(self) -> int:
+        """Database images of the benchmark itself (before the distractors)."""
+        return self.n_db - self.n_distractors
 
 
 def folder_tag(root: str | Path) -> str:
@@ -121,6 +131,7 @@ def add_distractors(ds: RetrievalDataset, root: str | Path, progress: bool = Fal
         db_paths=ds.db_paths + paths,
         db_names=ds.db_names + names,
         n_distractors=ds.n_distractors + len(paths),
+        distractor_id=f"distractors-{folder_tag(root)}" if ds.n_distractors == 0 else None,
         notes=notes,
     )
 
