@@ -1030,7 +1030,7 @@ class OnDemandLocals:
         with FeatureStore(self.path, "a", preset=self.preset, settings=self.settings, split="distractors-local",
                           float16=bool(self.conf.extract.float16), wait=True) as st:
             if not st.has(name):
-                sample = ImageLoader([self.items[name]], self.xs.max_size)[0]
+                sample = ImageLoader([self.items[name]], self.xs)[0]
                 if "error" in sample:
                     raise ImageReadError(sample["error"])
                 model = self._get_model()

@@ -163,6 +163,8 @@ def test_paper_r1m_configs_store_float16_in_one_shared_distractor_store() -> Non
     for f in sorted((REPO / "configs" / "paper").glob("*_r1m_*.yaml")):
         conf = load_config(f)
         assert conf.extract.float16 is True, f.name
+        if conf.model.checkpoint is None:  # given on the command line by the user; here random weights stand in
+            conf = load_config(f, ["model.random_weights=true"])
         assert Path(conf.extract.distractor_dir) == REPO / "outputs" / "paper" / "features", f.name
         if conf.model.checkpoint is None:  # the seed configs name a checkpoint file that is not here
             ds = SimpleNamespace(distractor_id="distractors-x", n_distractors=1)
