@@ -26,6 +26,7 @@ from delg.config import Config, ConfigError, dump_config, run_stage
 from delg.data.dataset import RetrievalDataset, load_dataset
 from delg.data.revisitop import GroundTruth
 from delg.evaluate import evaluate, format_table
+from delg.extract import extraction_settings
 
 log = logging.getLogger("delg.retrieve")
 
@@ -182,6 +183,9 @@ def main(conf: Config) -> Path:
             "backbone": conf.model.backbone,
             "notes": dataset.notes,
             "search": search.search_record(ranks_path),  # index, exact, gpu, depth, ranking_cut, ...
+            # what made the features: model conventions (input_colour, mean, std, attention_input), scales,
+            # aggregation, resize, local selection; the same dict whose hash names the feature stores
+            "extraction": extraction_settings(conf),
         },
         "methods": results,
         "complete": complete,

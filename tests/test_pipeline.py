@@ -43,6 +43,9 @@ def test_results_json_layout(tiny_run: Path) -> None:
     search = res["protocol"]["search"]  # what the global search used: exact, the whole database ranked
     assert search["index"] == "flat" and search["exact"] is True and search["gpu"] is False
     assert search["depth"] == res["n_db"] and search["ranking_cut"] is False and search["depth_setting"] is None
+    ex = res["protocol"]["extraction"]  # the weights' colour order and the extraction settings behind the numbers
+    assert ex["model"]["input_colour"] == "rgb" and ex["model"]["mean"] == [0.485, 0.456, 0.406]
+    assert ex["global_aggregation"] == "l2_per_scale" and ex["scales"] == [0.7071, 1.0, 1.4142]
     assert set(res["methods"]) == {"global", "sift"}  # loftr (no weights) and delg (untrained head) skipped
     skipped = {s["method"]: s["reason"] for s in res["skipped_methods"]}
     assert "nowhere/outdoor_ds.ckpt" in skipped["loftr"]
