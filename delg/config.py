@@ -2,8 +2,9 @@
 
 The schema is the union of the section files in ``delg/conf/*.yaml`` (``base.yaml`` holds the top-level keys,
 ``<section>.yaml`` holds the keys of ``<section>``).  A user config (``configs/*.yaml``) and the command line may
-only set keys that exist there: an unknown key is an error naming the key and the nearest valid one.  A key whose
-default is ``null`` accepts any value (lists, dicts, strings), so free-form settings stay possible.
+only set keys that exist there: an unknown key is an error naming the key and the nearest valid one.  The type and
+range of every key are declared in :mod:`delg.settings` and checked once everything is merged, before any work: a
+bad value is one line naming the key, the value and what is allowed.
 
     conf = load_config("configs/demo.yaml", ["model.backbone=resnet101", "overwrite=true"])
     conf.model.backbone  # 'resnet101'
@@ -14,21 +15,16 @@ from __future__ import annotations
 import copy
 import difflib
 import os
-import sys
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from delg.errors import ProjectError
+from delg.errors import ConfigError, ProjectError, report_error
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-class ConfigError(ProjectError, ValueError):
-    """A config file or override is invalid; the message names the key (and file) at fault."""
 
 
 class Config(dict):
@@ -218,7 +214,9 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
             _merge(conf, _anchor_paths(data, f), schema, str(f))
     for o, k, v in rest:
         _merge(conf, _nest(k, v), schema, f"override '{o}'")
-    return Config(conf)
+    from delg.settings import validate_config
+
+    return Config(validate_config(conf))
 
 
 def dump_config(conf: Mapping[str, Any], path: str | Path) -> Path:
@@ -251,23 +249,71 @@ def split_cli(argv: list[str]) -> tuple[str | None, list[str]]:
     return path, rest
 
 
+OUTPUT_LOCK = ".run.lock"  # in output_dir, held by a command for its whole run
+
+
+class OutputDirError(ConfigError):
+    """``output_dir`` cannot receive this run's outputs (a file, read-only, in use by another run)."""
+
+
+def check_output_dir(path: str | Path) -> Path:
+    """``output_dir`` as a folder this process can write (created when missing); else one-line OutputDirError."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise OutputDirError(f"output_dir: {p} is not allowed: it is an existing file, not a folder")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / f".write-test.{os.getpid()}"
+        probe.write_bytes(b"")  # a real write: access() says yes to root on a read-only folder
+        probe.unlink()
+    except OSError as e:
+        raise OutputDirError(f"output_dir: {p} is not allowed: cannot write there ({e.strerror or e})") from None
+    return p
+
+
+def _cooperating_process(conf: Mapping[str, Any]) -> bool:
+    """One of several processes of one run (``shard=i/n``, torchrun ranks): they share the output folder."""
+    return bool(conf.get("shard")) or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+
+
+def lock_output_dir(conf: Mapping[str, Any]) -> tuple[Path, int]:
+    """Check ``output_dir`` and lock it for this run (:mod:`delg.locks`, re-entrant in the process): a second run
+    on the same folder fails at once naming the first; the ranks / shards of one run share the lock.  Returns what
+    :func:`delg.locks.release` needs."""
+    from delg.locks import acquire
+
+    out = check_output_dir(conf["output_dir"])
+    lock = out / OUTPUT_LOCK
+    fd = acquire(lock, f"output_dir {out}", shared=_cooperating_process(conf), reentrant=True, busy=OutputDirError)
+    return lock, fd
+
+
 def run_stage(
     main: Callable[[Config], Any],
     argv: list[str],
     doc: str | None = None,
     default_config: str | None = None,
 ) -> int:
-    """The thin CLI of every stage: ``[--config FILE] [key=value ...]``, ``-h`` prints ``doc``, and expected
-    failures (any :class:`~delg.errors.ProjectError`, ``FileNotFoundError``) are one line on stderr, exit code 2."""
+    """The thin CLI of every stage: ``[--config FILE] [key=value ...]``, ``-h`` prints ``doc``.
+
+    The config is resolved and checked, then ``output_dir`` is checked and locked for the whole run, then ``main``
+    runs.  Expected failures (any :class:`~delg.errors.ProjectError`, ``FileNotFoundError``) are one line
+    ``error: ...`` on stderr, exit code 2 (:func:`delg.errors.report_error`)."""
+    from delg.locks import release
+
     try:
         path, overrides = split_cli(argv)
         if "-h" in overrides or "--help" in overrides:
             print(doc or "")
             return 0
-        out = main(load_config(path or default_config, overrides))
+        conf = load_config(path or default_config, overrides)
+        lock, fd = lock_output_dir(conf)
+        try:
+            out = main(conf)
+        finally:
+            release(lock, fd)
     except (ProjectError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report_error(e)
     if out is not None:
         print(out)
     return 0

@@ -889,8 +889,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             base = args.base_url or os.environ.get("REVISITOP_BASE_URL") or None
             report = download_revisitop(out, args.datasets, args.distractors, base, args.jobs, fetcher,
                                         args.keep_archives, args.overwrite)
-    except ValueError as e:
-        parser.error(str(e))
+    except ValueError as e:  # bad input found while running: one line "error: ...", exit 2, as every entry point
+        from delg.errors import report_error
+
+        return report_error(e)
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume (.part files and finished archives are kept)",
               file=sys.stderr)

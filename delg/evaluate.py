@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from delg.data.revisitop import GroundTruth, read_gnd
-from delg.errors import ProjectError
+from delg.errors import ProjectError, report_error
 
 KAPPAS: tuple[int, ...] = (1, 5, 10)
 PROTOCOLS: tuple[str, ...] = ("E", "M", "H")
@@ -347,23 +347,23 @@ def main(argv: list[str] | None = None) -> Path | None:
             args.json = str(Path(value) / "evaluation.json")
     try:
         gnd = read_gnd(args.gnd)
-    except (ProjectError, OSError) as e:  # a missing or malformed ground truth: one line, no traceback
-        raise SystemExit(f"error: {e}") from None
+    except OSError as e:  # a missing or unreadable ground truth: one line, no traceback
+        raise RankingError(f"{args.gnd}: cannot read ground truth ({e})") from None
     try:
         loaded = np.load(args.ranks, allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"{args.ranks}: cannot read ranking ({e})") from None
+        raise RankingError(f"{args.ranks}: cannot read ranking ({e})") from None
     if isinstance(loaded, np.lib.npyio.NpzFile):  # the pipeline's ranks/*.npz hold the ranking under 'ranks'
         with loaded:
             if "ranks" not in loaded.files:
-                raise SystemExit(f"{args.ranks}: no 'ranks' array (has {', '.join(loaded.files)})")
+                raise RankingError(f"{args.ranks}: no 'ranks' array (has {', '.join(loaded.files)})")
             ranks = loaded["ranks"]
     else:
         ranks = loaded
     try:
         full = evaluate_per_query(gnd, ranks, n_db=args.n_db)
     except RankingError as e:
-        raise SystemExit(f"{args.ranks}: {e}") from None
+        raise RankingError(f"{args.ranks}: {e}") from None
     res = {p: (None if r["n_queries"] == 0 else {k: r[k] for k in ("mAP", "mP@1", "mP@5", "mP@10")})
            for p, r in full.items()}
     print(f"{gnd.name}: {gnd.n_queries} queries, ranking {ranks.shape[0]} x {ranks.shape[1]}")
@@ -386,5 +386,14 @@ def main(argv: list[str] | None = None) -> Path | None:
     return None
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``python -m delg.evaluate``: :func:`main`, with an expected failure as one line ``error: ...``, exit 2."""
+    try:
+        main(argv)
+    except ProjectError as e:
+        return report_error(e)
+    return 0
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(cli(sys.argv[1:]))

@@ -88,45 +88,30 @@ class ExtractSettings:
 
     @classmethod
     def from_conf(cls, conf: Config) -> ExtractSettings:
-        x = conf.extract
-        scales = tuple(float(s) for s in x.scales)
-        gscales = tuple(float(s) for s in x.global_scales)
-        if not scales or any(s <= 0 for s in scales):
-            raise ExtractError(f"extract.scales: need positive scales, got {list(x.scales)}")
-        if not gscales:
-            raise ExtractError("extract.global_scales: need at least one scale")
+        """The settings of ``conf.extract``: types and ranges by the schema (:mod:`delg.settings`, re-checked here
+        for a config changed after load_config), then the rules between keys."""
+        from delg.settings import validate_section
+
+        x = validate_section("extract", conf.extract, error=ExtractError)
+        scales = tuple(float(s) for s in x["scales"])
+        gscales = tuple(float(s) for s in x["global_scales"])
         for g in gscales:
             if not any(abs(g - s) < SCALE_TOL for s in scales):
                 raise ExtractError(f"extract.global_scales: {g} is not one of extract.scales {list(scales)}")
-        if x.max_keypoints is None or int(x.max_keypoints) < 1:
-            raise ExtractError(f"extract.max_keypoints: need a positive integer, got {x.max_keypoints}")
-        agg, resize = str(x.get("global_aggregation", "l2_per_scale")), str(x.get("resize", "antialias"))
-        if agg not in GLOBAL_AGGREGATIONS:
-            raise ExtractError(f"extract.global_aggregation: '{agg}' is not one of {', '.join(GLOBAL_AGGREGATIONS)}")
-        if resize not in RESIZES:
-            raise ExtractError(f"extract.resize: '{resize}' is not one of {', '.join(RESIZES)}")
-        halve = x.get("threshold_halve_until", 0)
-        if halve is None or isinstance(halve, bool) or not isinstance(halve, int) or halve < 0:
-            raise ExtractError(f"extract.threshold_halve_until: need an integer >= 0 (0 = off), got {halve!r}")
-        nms = x.get("nms_iou", 0.0)
-        if nms is None or isinstance(nms, bool) or not isinstance(nms, int | float) or not 0.0 <= float(nms) <= 1.0:
-            raise ExtractError(f"extract.nms_iou: need a number in [0, 1] (0 = off), got {nms!r}")
-        thr = x.attention_threshold
-        if thr is not None and (isinstance(thr, bool) or not isinstance(thr, int | float) or not np.isfinite(thr)):
-            raise ExtractError(f"extract.attention_threshold: need a finite number or null, got {thr!r}")
-        if halve and (thr is None or float(thr) <= 0):
+        thr, halve = x["attention_threshold"], x["threshold_halve_until"]
+        if halve and (thr is None or thr <= 0):
             raise ExtractError("extract.threshold_halve_until: needs a positive extract.attention_threshold to halve")
         return cls(
             scales=scales,
             global_scales=gscales,
-            max_size=int(x.max_size) if x.max_size else None,
-            local=bool(x.local),
-            max_keypoints=int(x.max_keypoints),
-            attention_threshold=float(x.attention_threshold if x.attention_threshold is not None else -np.inf),
-            global_aggregation=agg,
-            resize=resize,
-            threshold_halve_until=int(halve),
-            nms_iou=float(nms),
+            max_size=x["max_size"],
+            local=x["local"],
+            max_keypoints=x["max_keypoints"],
+            attention_threshold=float(thr if thr is not None else -np.inf),
+            global_aggregation=x["global_aggregation"],
+            resize=x["resize"],
+            threshold_halve_until=halve,
+            nms_iou=x["nms_iou"],
         )
 
     def is_global(self, s: float) -> bool:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from delg.config import Config, ConfigError, load_config, split_cli
 from delg.data.minibench import PRESETS, MinibenchError, build, ensure_built
+from delg.errors import report_error
 
 
 def main(conf: Config) -> Path:
@@ -57,4 +58,4 @@ if __name__ == "__main__":
     try:
         cli()
     except (ConfigError, MinibenchError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(report_error(e))  # one line "error: ...", exit 2, as every entry point

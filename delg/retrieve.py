@@ -11,6 +11,7 @@ out of the evaluation and counted, and ``results.json`` says the run was incompl
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import sys
@@ -221,6 +222,13 @@ def main(conf: Config) -> Path:
     return res_path
 
 
+def query_result_path(conf: Config, photo: Path) -> Path:
+    """``<output_dir>/query/<stem>-<hash>.json``: the hash of the photo's absolute path keeps two photos of one
+    name (``a/IMG_0001.jpg``, ``b/IMG_0001.jpg``) from overwriting each other's results."""
+    digest = hashlib.sha1(str(photo.resolve()).encode()).hexdigest()[:8]
+    return Path(conf.output_dir) / "query" / f"{photo.stem}-{digest}.json"
+
+
 def search_photo(conf: Config, photo: Path) -> Path:
     """Search the indexed database with one new photo, rerank its top K and print the best matches."""
     from delg import search
@@ -262,7 +270,7 @@ def search_photo(conf: Config, photo: Path) -> Path:
         n = "" if inl[r] is None else str(inl[r])
         print(f"{pos + 1:>4}  {n:>7}  {scores[r]:>10.4f}  {dataset.db_paths[i]}")
         lines.append({"rank": pos + 1, "inliers": inl[r], "similarity": float(scores[r]), "path": str(dataset.db_paths[i])})
-    out = Path(conf.output_dir) / "query" / f"{photo.stem}.json"
+    out = query_result_path(conf, photo)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"query": str(photo), "verifier": used, "matches": lines}, indent=1))
     return out

@@ -270,29 +270,12 @@ def ranking_depth(setting: Any, n_db: int | None = None) -> int | None:
 
 
 def check_settings(conf: Config) -> None:
-    """Type and range of every search setting, before any work; the error names the key."""
-    sc = conf.search
-    ranking_depth(conf.ranks.depth)
-    if str(sc.index) not in INDEX_KINDS:
-        raise SearchError(f"search.index: unknown index '{sc.index}' (valid: {', '.join(INDEX_KINDS)})")
-    if sc.gpu not in (True, False, "true", "false", "auto", None):
-        raise SearchError(f"search.gpu: auto, true or false (got {sc.gpu!r})")
+    """Type and range of every search setting (and ``ranks.depth``), before any work: the schema of
+    :mod:`delg.settings` (load_config already applied it; a config changed since is checked again here)."""
+    from delg.settings import validate_section
 
-    def number(key: str, lo: float, integer: bool = True, none_ok: bool = False) -> None:
-        v = sc[key]
-        if v is None and none_ok:
-            return
-        kinds = (int, np.integer) if integer else (int, float, np.integer, np.floating)
-        if isinstance(v, bool) or not isinstance(v, kinds) or v < lo:
-            raise SearchError(f"search.{key}: need {'an integer' if integer else 'a number'} >= {lo} (got {v!r})")
-
-    for key, lo in (("chunk", 1), ("query_chunk", 1), ("nprobe", 1), ("m", 1), ("nbits", 1), ("train_size", 1)):
-        number(key, lo)
-    number("qe_k", 0, none_ok=True)
-    number("dba_k", 0, none_ok=True)
-    number("nlist", 1, none_ok=True)
-    number("refine", 0, integer=False, none_ok=True)
-    number("alpha", 0, integer=False)
+    validate_section("search", conf.search, error=SearchError)
+    validate_section("ranks", conf.ranks, error=SearchError)
 
 
 def _l2n(x: np.ndarray) -> np.ndarray:

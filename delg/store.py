@@ -25,7 +25,6 @@ Writers take an exclusive ``flock`` on ``<file>.lock`` so two processes never wr
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import sys
@@ -164,19 +163,16 @@ class FeatureStore:
 
     # ------------------------------------------------------------------ opening, locking, recovery
     def _lock(self, wait: bool = False) -> None:
-        lock_path = self.path.with_name(self.path.name + ".lock")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except OSError:
-            os.close(fd)
-            raise StoreBusyError(f"{self.path}: another process is writing this feature store") from None
-        self._lock_fd = fd
+        from delg.locks import acquire
+
+        self._lock_fd = acquire(self.path.with_name(self.path.name + ".lock"),
+                                f"{self.path}: this feature store (being written)", wait=wait, busy=StoreBusyError)
 
     def _unlock(self) -> None:
         if self._lock_fd is not None:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
+            from delg.locks import release
+
+            release(self.path.with_name(self.path.name + ".lock"), self._lock_fd)
             self._lock_fd = None
 
     def _open_for_writing(self) -> h5py.File:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 from delg.data.revisitop import GroundTruth, QueryGroundTruth, read_gnd
 from delg.evaluate import (
     RankingError,
+    cli,
     compute_map,
     evaluate,
     evaluate_per_query,
@@ -267,8 +269,11 @@ def test_format_table_and_cli(tmp_path, shared_data, capsys):
     assert set(json.loads(out.read_text())) == {"E", "M", "H"}  # the layout, nothing else at the top
     out = main(["--gnd", str(g.source), "--ranks", str(tmp_path / "global.npz"), f"output_dir={tmp_path / 'ev'}"])
     assert out == tmp_path / "ev" / "evaluation.json" and json.loads(out.read_text())["H"] is not None
-    with pytest.raises(SystemExit, match=r"^error: .*nope\.pkl"):  # a missing ground truth: one line
-        main(["--gnd", str(tmp_path / "nope.pkl"), "--ranks", str(tmp_path / "ranks.npy")])
+    capsys.readouterr()
+    # a missing ground truth: one line "error: ...", exit 2 (the rule of every entry point; it was 1)
+    assert cli(["--gnd", str(tmp_path / "nope.pkl"), "--ranks", str(tmp_path / "ranks.npy")]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"error: .*nope\.pkl.*\n", err), err
     table = format_table({"global": res, "folders": {"E": res["E"], "M": res["M"], "H": None}}, title="T")
     lines = table.splitlines()
     assert lines[0] == "T" and "global" in table and "n/a" in lines[-2] and f"{res['H']['mAP']:.2f}" in table

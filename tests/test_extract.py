@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from delg.config import load_config
+from delg.config import ConfigError, load_config
 from delg.data.dataset import RetrievalDataset
 from delg.data.revisitop import GroundTruth, QueryGroundTruth
 from delg.extract import (
@@ -518,5 +518,9 @@ def test_paper_configs_local_selection():
 def test_new_settings_are_checked():
     for key, bad in (("global_aggregation", "mean"), ("resize", "nearest"), ("threshold_halve_until", -1),
                      ("nms_iou", 1.5)):
+        with pytest.raises(ConfigError, match=f"extract.{key}: .* is not allowed"):
+            load_config(None, [f"extract.{key}={bad}"])
+        conf = load_config(None)
+        conf.extract[key] = bad  # changed after load_config: from_conf checks again
         with pytest.raises(ExtractError, match=f"extract.{key}"):
-            ExtractSettings.from_conf(load_config(None, [f"extract.{key}={bad}"]))
+            ExtractSettings.from_conf(conf)

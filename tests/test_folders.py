@@ -114,7 +114,7 @@ def test_load_dataset_folders_and_unknown(shared_data):
     assert re.fullmatch(r"folders-images-[0-9a-f]{6}\+distractors-16-[0-9a-f]{6}", ds.name) and ds.n_db == 61
     with pytest.raises(ConfigError, match="dataset.root"):
         load_dataset(load_config(None, ["dataset.type=folders"]))
-    with pytest.raises(ConfigError, match="valid types: minibench, revisitop, folders"):
+    with pytest.raises(ConfigError, match="dataset.type: 'gldv2' is not allowed: one of minibench, revisitop, folders"):
         load_dataset(load_config(None, ["dataset.type=gldv2"]))
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from delg.config import load_config
+from delg.config import ConfigError, load_config, parse_override
 from delg.data.dataset import RetrievalDataset
 from delg.data.revisitop import GroundTruth
 from delg.extract import extraction_settings, preset_name, split_tag, store_path
@@ -216,7 +216,10 @@ def test_bad_settings(tmp_path):
     conf, ds, _, _ = make_case(tmp_path, 300, 2, 32, 8, (), "search.index=ivfpq", "search.m=5")
     with pytest.raises(SearchError, match="search.m"):
         main(conf, ds)
-    conf, ds, _, _ = make_case(tmp_path / "b", 30, 2, 32, 8, (), "search.index=hnsw")
+    with pytest.raises(ConfigError, match="search.index: 'hnsw' is not allowed: one of flat, ivfpq"):
+        load_config(None, ["search.index=hnsw"])
+    conf, ds, _, _ = make_case(tmp_path / "b", 30, 2, 32, 8, ())
+    conf.search.index = "hnsw"  # changed after load_config: the stage checks again before any work
     with pytest.raises(SearchError, match="search.index"):
         main(conf, ds)
 
@@ -270,7 +273,9 @@ def test_full_depth_ranks_the_whole_database_exactly(tmp_path):
     meta = json.loads(path.with_name("global.meta.json").read_text())
     assert meta["depth"] == 2100 and meta["depth_setting"] == 2100 and meta["ranking_cut"] is True
     for bad in ("0", "-3", "ten", "1.5", "true"):
-        conf.ranks.depth = load_config(None, [f"ranks.depth={bad}"]).ranks.depth
+        with pytest.raises(ConfigError, match="ranks.depth"):
+            load_config(None, [f"ranks.depth={bad}"])
+        conf.ranks.depth = parse_override(f"ranks.depth={bad}")[1]
         with pytest.raises(SearchError, match="ranks.depth"):
             main(conf, ds)
 

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -130,14 +129,6 @@ def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float
     return per_anchor.sum() * world / n_has.to(per_anchor.dtype)
 
 
-def _number(conf: Mapping[str, Any], key: str, default: float, positive: bool = False) -> float:
-    """``conf[key]`` as a finite float >= 0 (> 0 with ``positive``); otherwise a LossConfigError naming the key."""
-    v = conf.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (positive and v == 0):
-        raise LossConfigError(f"loss.{key} must be a finite number {'> 0' if positive else '>= 0'}, got {v!r}")
-    return float(v)
-
-
 class DELGLoss(nn.Module):
     """Weighted sum of the configured global loss and (optionally) the local losses.
 
@@ -148,20 +139,20 @@ class DELGLoss(nn.Module):
 
     def __init__(self, conf: Mapping[str, Any]) -> None:
         super().__init__()
-        g = str(conf.get("global", "ce"))
-        if g not in GLOBAL_LOSSES:
-            raise LossConfigError(f"loss.global: unknown loss '{g}'; valid: {', '.join(GLOBAL_LOSSES)}")
+        from delg.config import default_schema
+        from delg.settings import validate_section
+
+        # Types and ranges by the schema (delg/settings.py); keys not given take their delg/conf/loss.yaml default.
+        c = validate_section("loss", {**default_schema()["loss"], **conf}, error=LossConfigError)
+        g = c["global"]
         self.use_ce = "ce" in g.split("+")
         self.use_supcon = "supcon" in g.split("+")
-        self.ce_weight = _number(conf, "ce_weight", 1.0)
-        self.supcon_weight = _number(conf, "supcon_weight", 1.0)
-        self.temperature = _number(conf, "supcon_temperature", 0.07, positive=True)
-        local = conf.get("local", True)
-        if not isinstance(local, bool):
-            raise LossConfigError(f"loss.local must be true or false, got {local!r}")
-        self.local = local
-        self.attention_weight = _number(conf, "attention_weight", 1.0)
-        self.reconstruction_weight = _number(conf, "reconstruction_weight", 10.0)
+        self.ce_weight = float(c["ce_weight"])
+        self.supcon_weight = float(c["supcon_weight"])
+        self.temperature = float(c["supcon_temperature"])
+        self.local = c["local"]
+        self.attention_weight = float(c["attention_weight"])
+        self.reconstruction_weight = float(c["reconstruction_weight"])
 
     @property
     def needs_two_views(self) -> bool:

@@ -72,37 +72,14 @@ def training_data(conf: Mapping[str, Any]) -> LandmarkSet:
 
 # ------------------------------------------------------------------------------------------------ helpers
 def check_train_settings(t: Mapping[str, Any]) -> None:
-    """Range-check the ``train`` settings that set the optimisation (schedule, optimiser, sampler) before any work;
-    a bad one raises :class:`TrainConfigError` naming its key."""
+    """Check the ``train`` settings before any work: types and ranges by the schema (:mod:`delg.settings`), then
+    the rules between keys; a bad one raises :class:`TrainConfigError` naming its key."""
+    from delg.settings import validate_section
 
-    def num(key: str, lo: float, hi: float = math.inf, *, integer: bool = False, lo_open: bool = False,
-            hi_open: bool = False, optional: bool = False) -> None:
-        v = t.get(key)
-        if v is None and optional:
-            return
-        ok = not isinstance(v, bool) and isinstance(v, int if integer else (int, float)) and math.isfinite(v) \
-            and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
-        if not ok:
-            rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open or hi == math.inf else ']'}"
-            raise TrainConfigError(f"train.{key} must be {'an integer' if integer else 'a number'} in {rng}"
-                                   f"{' or null' if optional else ''}, got {v!r}")
-
-    num("epochs", 1, integer=True)
-    num("batch_size", 2, integer=True)  # BatchNorm needs two samples; the sampler drops smaller batches
-    num("images_per_class", 1, integer=True)
+    validate_section("train", t, error=TrainConfigError)
     if int(t["images_per_class"]) > int(t["batch_size"]):
         raise TrainConfigError(f"train.images_per_class ({t['images_per_class']}) must be <= train.batch_size "
                                f"({t['batch_size']})")
-    num("image_size", 1, integer=True)
-    num("lr", 0, lo_open=True)
-    num("warmup_epochs", 0)
-    num("momentum", 0, 1, hi_open=True)
-    num("weight_decay", 0)
-    num("local_lr_mult", 0, optional=True)
-    num("backbone_lr_mult", 0, optional=True)
-    num("clip_grad_norm", 0, lo_open=True, optional=True)
-    num("max_steps_per_epoch", 1, integer=True, optional=True)
-    num("val_fraction", 0, 1, hi_open=True, optional=True)
 
 
 def _dist_env() -> tuple[int, int, int]:
