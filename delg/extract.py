@@ -644,15 +644,28 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def read_skipped(path: Path) -> dict[str, dict[str, str]]:
+    """``{name: {"name", "path", "error"}}`` of a ``.skipped.json``; ``{}`` when there is none.  A damaged one
+    (not JSON, or not a list of such entries) is moved aside with one line and read as empty: its images count as
+    not done, so the extraction tries them again and writes a new list."""
+    from delg.store import move_aside
+
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, list) or not all(isinstance(d, dict) and isinstance(d.get("name"), str) for d in data):
+            raise ValueError("not a list of {name, path, error} entries")
+    except (ValueError, UnicodeDecodeError) as e:
+        move_aside(path, f"unreadable list of skipped images ({e})", "its images are tried again")
+        return {}
+    return {d["name"]: d for d in data}
+
+
 def _update_skipped(store: Path, failures: Mapping[str, dict[str, str]], done: set[str] | FeatureStore) -> int:
     """Keep ``<store>.skipped.json`` = images that failed and are still not in the store, sorted by name."""
     path = sidecar(store, "skipped")
-    old = {}
-    if path.is_file():
-        try:
-            old = {d["name"]: d for d in json.loads(path.read_text())}
-        except (ValueError, KeyError, TypeError):
-            old = {}
+    old = read_skipped(path)
     old.update(failures)
     keep = [old[n] for n in sorted(old) if n not in done]
     if keep:
@@ -896,9 +909,7 @@ def merge_parts(main: Path, n: int, preset: str, settings: Mapping[str, Any], fo
                 if meta is not None:
                     st.set_model_meta(meta)
                 st.copy_from(ps, overwrite=True)
-            sk = sidecar(p, "skipped")
-            if sk.is_file():
-                failures.update({d["name"]: d for d in json.loads(sk.read_text())})
+            failures.update(read_skipped(sidecar(p, "skipped")))
         done = set(st.names())
         n_skipped = _update_skipped(main, failures, done)
         _write_json(sidecar(main, "progress"), {"done": len(done), "skipped": n_skipped, "total": len(done) + n_skipped})
@@ -965,10 +976,7 @@ def stores_complete(conf: Config, dataset: Any, split: str) -> bool:
         path = job.path
         if not path.is_file():
             return False
-        skipped = set()
-        sk = sidecar(path, "skipped")
-        if sk.is_file():
-            skipped = {d["name"] for d in json.loads(sk.read_text())}
+        skipped = set(read_skipped(sidecar(path, "skipped")))
         try:
             with FeatureStore(path, "r") as st:
                 if not all(st.has(it.name) or it.name in skipped for it in job.items):

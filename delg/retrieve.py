@@ -113,6 +113,10 @@ def main(conf: Config) -> Path:
 
     out_dir = Path(conf.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # A run that fails must not leave an older results.json that reads as its result: it becomes
+    # results.previous.json now, and the new one is written (atomically) only at the end.
+    if (out_dir / "results.json").is_file():
+        (out_dir / "results.json").replace(out_dir / "results.previous.json")
     dump_config(conf, out_dir / "config.yaml")
     timing: dict[str, float] = {}
 

@@ -267,8 +267,11 @@ def test_format_table_and_cli(tmp_path, shared_data, capsys):
     assert set(json.loads(out.read_text())) == {"E", "M", "H"}  # the layout, nothing else at the top
     out = main(["--gnd", str(g.source), "--ranks", str(tmp_path / "global.npz"), f"output_dir={tmp_path / 'ev'}"])
     assert out == tmp_path / "ev" / "evaluation.json" and json.loads(out.read_text())["H"] is not None
-    with pytest.raises(SystemExit, match=r"^error: .*nope\.pkl"):  # a missing ground truth: one line
+    with pytest.raises(SystemExit) as exc:  # a missing ground truth: one line, exit 2
         main(["--gnd", str(tmp_path / "nope.pkl"), "--ranks", str(tmp_path / "ranks.npy")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --gnd ") and "nope.pkl" in err and err.count("\n") == 1
     table = format_table({"global": res, "folders": {"E": res["E"], "M": res["M"], "H": None}}, title="T")
     lines = table.splitlines()
     assert lines[0] == "T" and "global" in table and "n/a" in lines[-2] and f"{res['H']['mAP']:.2f}" in table
