@@ -254,6 +254,25 @@ def store_path(conf: Config, dataset_name: str, split: str) -> Path:
     return features_dir(conf, dataset_name) / f"{preset_name(conf)}-{split_tag(conf, split)}.h5"
 
 
+def queries_in_db(conf: Config, dataset: Any) -> bool:
+    """Every query is a database image read whole (same name, same file, no crop in effect): a folder dataset, or
+    revisitop with ``dataset.query_crop=false``.  Their features are then the database's, so the queries are not
+    extracted a second time: the query split reads (and fills) the db store."""
+    if not dataset.query_names:
+        return False
+    crop = bool(conf.dataset.get("query_crop", True))
+    bbx = list(getattr(dataset, "query_bbx", None) or [None] * len(dataset.query_names))
+    if crop and any(b is not None for b in bbx):
+        return False
+    db = dict(zip(dataset.db_names, dataset.db_paths))
+    return all(n in db and Path(db[n]) == Path(p) for n, p in zip(dataset.query_names, dataset.query_paths))
+
+
+def query_store_path(conf: Config, dataset: Any) -> Path:
+    """The store holding the queries' features: the query store, or the db store when :func:`queries_in_db`."""
+    return store_path(conf, dataset.name, "db" if queries_in_db(conf, dataset) else "query")
+
+
 def distractor_dir(conf: Config) -> Path:
     """Root of the distractor stores: ``extract.distractor_dir``, default ``<output_dir>/features``."""
     d = conf.extract.get("distractor_dir")
@@ -694,6 +713,9 @@ def store_jobs(conf: Config, dataset: Any, split: str) -> list[StoreJob]:
     """The stores of one split: one, or for ``db`` with distractors the benchmark's db store (global + local)
     and the shared distractor store (globals only; their local features come on demand)."""
     items = split_items(dataset, split, conf)
+    if split == "query" and queries_in_db(conf, dataset):  # the queries' features are the db store's
+        return [StoreJob(store_path(conf, dataset.name, "db"), "db", extraction_settings(conf, "db"), items,
+                         bool(conf.extract.local), f"{dataset.name} queries (in the db store)")]
     tag = split_tag(conf, split)
     own = StoreJob(store_path(conf, dataset.name, split), tag, extraction_settings(conf, tag), items,
                    bool(conf.extract.local), f"{dataset.name} {split}")

@@ -49,6 +49,7 @@ from delg.extract import (
     db_store_paths,
     open_db_store,
     preset_name,
+    query_store_path,
     store_path,
     stores_complete,
 )
@@ -587,7 +588,7 @@ def get_index(conf: Config, dataset: Any) -> DatabaseIndex:
 # ---------------------------------------------------------------------------------------------- queries
 def query_vectors(conf: Config, dataset: Any) -> np.ndarray:
     """(n_queries, D) float32 from the query store; zeros (with a warning) for unreadable queries."""
-    path = store_path(conf, dataset.name, "query")
+    path = query_store_path(conf, dataset)  # the db store when the queries are whole database images
     with FeatureStore(path, "r", preset=preset_name(conf)) as st:
         d = st.global_dim()
         out = np.zeros((len(dataset.query_names), d), np.float32)
@@ -673,7 +674,7 @@ def main(conf: Config, dataset: Any = None) -> Path:
     dump_config(conf, out / "global.config.yaml")
     ranks_path, scores_path, meta_path = out / "global.npy", out / "global_scores.npy", out / "global.meta.json"
     db = get_index(conf, dataset)
-    qpath = store_path(conf, dataset.name, "query")
+    qpath = query_store_path(conf, dataset)
     sc = conf.search
     depth = ranking_depth(conf.ranks.depth, db.n_db)
     kind = db.kind

@@ -635,9 +635,9 @@ def open_reranker(conf: Any, dataset: Any, method: str) -> Reranker:
     rc = conf.rerank
     ctx: dict[str, Any] = {}
     if method == "delg":
-        from delg.extract import distractor_locals, store_path
+        from delg.extract import distractor_locals, query_store_path, store_path
 
-        ctx["stores"] = {"query": Path(rc.query_store) if rc.get("query_store") else store_path(conf, dataset.name, "query"),
+        ctx["stores"] = {"query": Path(rc.query_store) if rc.get("query_store") else query_store_path(conf, dataset),
                          "db": Path(rc.db_store) if rc.get("db_store") else store_path(conf, dataset.name, "db")}
         # Distractors have globals only; their local features are extracted when first verified.
         ctx["on_demand"] = distractor_locals(conf, dataset)
