@@ -10,8 +10,12 @@ fed in the colour order and normalisation of the model's weights (``model.input_
 checkpoints and their fine-tunes), resized as ``extract.resize`` says.
 
 Outputs, under ``<output_dir>/features/<dataset>/``:
-    ``<preset>-db.h5``, ``<preset>-query.h5``  the stores (``delg.store``); ``query_full`` when queries are not cropped
-    ``<store>.skipped.json``                    images that could not be read (skipped, the rest proceeds)
+    ``<preset>-db.h5``, ``<preset>-query.h5``  the stores (``delg.store``); ``query_full`` when queries are not cropped;
+                                                none when every query is a whole database image (folder datasets,
+                                                revisitop with ``query_crop=false``): the queries read the db store
+                                                (:func:`queries_in_db`), so no image is extracted twice
+    ``<store>.skipped.json``                    images that could not be read (skipped, the rest proceeds); a
+                                                damaged one is moved aside and its images are tried again
     ``<store>.progress.json``                   images done / total, rewritten after every image
 
 Distractors (``dataset.distractors``, e.g. the 1M of ROxford+1M / RParis+1M) are not part of the benchmark's db
@@ -961,7 +965,8 @@ def _all_complete(parts: Sequence[Path]) -> bool:
 def main(conf: Config, dataset: Any = None) -> Path:
     """Extract the splits ``extract.splits`` of the configured dataset; returns the folder of the stores.
 
-    Images already in a store are skipped (``overwrite=true`` redoes them); the model is built only when there is
+    Images already in a store are skipped (``overwrite=true`` redoes every image of every store of the splits,
+    the shared distractor store included); the model is built only when there is
     something to extract.  ``dataset`` (a ``RetrievalDataset``) overrides ``load_dataset(conf)``.  With
     distractors, split ``db`` fills two stores (:func:`store_jobs`).
     """
@@ -1036,6 +1041,10 @@ class OnDemandLocals:
         self.items = {n: Item(n, Path(p)) for n, p in zip(dataset.db_names[n_own:], dataset.db_paths[n_own:])}
         self._model: torch.nn.Module | None = None
         self.n_extracted = 0  # images extracted by this object (the rest were in the store already)
+        # overwrite=true redoes the distractor store's globals, so the local features asked for are redone too
+        # (each once in this process), never mixed with kept ones of an earlier extraction
+        self.overwrite = bool(conf.get("overwrite", False))
+        self._redone: set[str] = set()
 
     def covers(self, name: str) -> bool:
         """``name`` is one of the distractors."""
@@ -1059,7 +1068,7 @@ class OnDemandLocals:
         # while this one reads; HDF5 gives no such guarantee on its own.
         with FeatureStore(self.path, "a", preset=self.preset, settings=self.settings, split="distractors-local",
                           float16=bool(self.conf.extract.float16), wait=True) as st:
-            if not st.has(name):
+            if not st.has(name) or (self.overwrite and name not in self._redone):
                 sample = ImageLoader([self.items[name]], self.xs)[0]
                 if "error" in sample:
                     raise ImageReadError(sample["error"])
@@ -1068,9 +1077,10 @@ class OnDemandLocals:
                 mp = bool(self.conf.get("mixed_precision", False)) and next(model.parameters()).device.type == "cuda"
                 feats = extract_multiscale(model, sample["image"], self.xs, orig_size=tuple(sample["size"]),
                                            mixed_precision=mp)
-                st.write(name, feats)
+                st.write(name, feats, overwrite=self.overwrite)
                 st.commit()
                 self.n_extracted += 1
+                self._redone.add(name)
             return st.read_local(name)
 
 

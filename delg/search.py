@@ -14,7 +14,11 @@ Outputs (``main``), under ``<output_dir>/ranks/``:
 ``depth = n_db`` (the whole database, revisitop's full ranking) when ``ranks.depth`` is ``null``/``all``, else
 ``min(ranks.depth, n_db)`` (a cut: a positive below the cut counts as never found).  The index is saved beside the
 features as ``<preset>-db.<kind>-<key>.faiss``, ``key`` hashing the database store (image names in dataset order,
-file size), the index settings and DBA; it is rebuilt whenever one of them changes.  Database vectors are read and
+the store's content checksum, :meth:`delg.store.FeatureStore.identity`), the index settings and DBA; it is rebuilt
+whenever one of them changes, and a saved index FAISS cannot read (or of the wrong size) is moved aside
+(``*.damaged-<time>.faiss``) with one line and rebuilt.  A cached ranking is reused only when its meta matches
+(including ``query_globals``, a hash of the query descriptors read this run, so a same-size change of the query
+store is seen) and both arrays load with the expected shape; a damaged one is moved aside and the search runs again.  Database vectors are read and
 added in chunks of ``search.chunk`` and queries searched in chunks of ``search.query_chunk``, so no
 (n_db, n_queries) similarity matrix is held beyond the ranking asked for: +R1M runs in the memory of the index
 itself (8 GB flat at 1M x 2048 float32, 2 GB at 512-d; IVF-PQ with m=64, nbits=8 needs 64 bytes per image, plus d

@@ -23,7 +23,9 @@ Caching:
 * Inliers: one SQLite file per verifier + RANSAC setting, ``<output_dir>/matches/inliers-<tag>.sqlite``, keyed by
   (query key incl. crop, database key), or for an unordered pair by ``('pair:' + first path, second path)``. Each
   pair is committed as soon as it is scored, so a killed run loses at most the pair in progress, a rerun skips what
-  is done, and another protocol (or ``top_k`` <= the cached one) reuses the counts without matching anything. (With ``match_many`` a kill loses at most the batch in progress.)
+  is done, and another protocol (or ``top_k`` <= the cached one) reuses the counts without matching anything.
+  A file SQLite cannot read (garbage, truncated: checked with ``PRAGMA quick_check`` on opening) is moved aside
+  (``*.damaged-<time>.sqlite``) with one line and its pairs are verified again; ``overwrite=true`` starts it empty. (With ``match_many`` a kill loses at most the batch in progress.)
 
 Failures: an image that cannot be read scores 0 with every partner (counted, listed in the log, not cached so a
 fixed file is retried). A CUDA OOM pair is retried at smaller sizes (``rerank.oom_retry_factors``), logged.
@@ -696,7 +698,7 @@ def main(conf: Any, method: str | None = None, dataset: Any = None) -> Path:
     out_dir = Path(conf.output_dir)
     if rc.get("global_ranks"):
         src = Path(rc.global_ranks)
-        ranks, scores = load_global_ranks(src, dataset.n_queries, dataset.n_db)
+        ranks, scores = load_global_ranks(src, len(dataset.query_names), len(dataset.db_names))
     else:  # the global stage of this config; delg.search skips itself when its ranking is up to date
         from delg.search import main as search_main
 

@@ -19,8 +19,10 @@ import pytest
 from delg.config import load_config, run_stage
 from delg.errors import ProjectError
 
-FAST = ["progress=false", "num_workers=0", "device=cpu", "extract.max_size=160", "extract.scales=[0.7071, 1.0, 1.4142]",
-        "rerank.methods=[sift]", "rerank.top_k=8", "sift.long_side=320", "report.enabled=false"]
+# One scale, small images, a short top K: the module's one full run costs seconds, each rerun a fraction of that.
+FAST = ["progress=false", "num_workers=0", "device=cpu", "extract.max_size=128", "extract.scales=[1.0]",
+        "extract.global_scales=[1.0]", "rerank.methods=[sift]", "rerank.top_k=4", "sift.long_side=256",
+        "report.enabled=false"]
 
 
 def _conf(out: Path, bench: Path, *extra: str):
@@ -378,3 +380,25 @@ def test_large_png_is_decoded_once(tmp_path: Path, monkeypatch) -> None:
                          attention_threshold=0.0)
     sample = ImageLoader([Item("big", p)], xs)[0]
     assert tuple(sample["image"].shape) == (3, 192, 256) and decodes == ["PngImageFile"]
+
+
+def test_overwrite_redoes_on_demand_distractor_locals(tiny_bench: Path, tmp_path: Path, monkeypatch) -> None:
+    """overwrite=true redoes the distractor store, so the local features extracted on demand beside it are redone
+    too (each once per process), not kept from the earlier extraction."""
+    from types import SimpleNamespace
+
+    import delg.extract as E
+
+    imgs = sorted((tiny_bench / "jpg").glob("*.jpg"))[:2]
+    ds = SimpleNamespace(name="t", distractor_id="distractors-x", n_distractors=2, n_db=2,
+                         db_names=["distractors/a", "distractors/b"], db_paths=imgs)
+    n = []
+    orig = E.extract_multiscale
+    monkeypatch.setattr(E, "extract_multiscale", lambda *a, **k: n.append(1) or orig(*a, **k))
+    E.OnDemandLocals(_conf(tmp_path, tiny_bench), ds).read_local("distractors/a")
+    E.OnDemandLocals(_conf(tmp_path, tiny_bench), ds).read_local("distractors/a")
+    assert len(n) == 1  # kept across runs
+    redo = E.OnDemandLocals(_conf(tmp_path, tiny_bench, "overwrite=true"), ds)
+    redo.read_local("distractors/a")
+    redo.read_local("distractors/a")
+    assert len(n) == 2  # redone once with overwrite=true
