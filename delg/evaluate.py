@@ -328,6 +328,33 @@ def to_json(results: Mapping[str, Any]) -> Any:
     return results
 
 
+def load_ranking(path: str | Path, key: str = "ranks") -> np.ndarray:
+    """A saved ranking: a ``.npy`` integer array, or the ``key`` array of a ``.npz`` (the pipeline's ranks/*.npz).
+
+    Raises:
+        RankingError: unreadable file, no such array, or not a 2-D integer array; the message names the file.
+    """
+    where = str(path)
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
+                if key not in loaded.files:
+                    raise RankingError(f"{where}: no '{key}' array (has {', '.join(loaded.files) or 'nothing'})")
+                loaded = loaded[key]
+    except RankingError:
+        raise
+    except (OSError, ValueError, EOFError) as e:  # truncated, not NumPy, or object dtype (would need pickle)
+        lines = str(e).strip().splitlines()
+        raise RankingError(f"{where}: cannot read a ranking ({lines[0] if lines else type(e).__name__}); expected "
+                           f"an integer array (n_db, n_queries) saved with numpy.save") from None
+    ranks = np.asarray(loaded)
+    if ranks.ndim != 2 or ranks.dtype.kind not in "iu":
+        raise RankingError(f"{where}: holds a {ranks.dtype} array of shape {ranks.shape}; expected an integer array "
+                           f"(n_db, n_queries)")
+    return ranks
+
+
 def main(argv: list[str] | None = None) -> Path | None:
     """CLI: print E/M/H mAP and mP@1/5/10 of a saved ranking; ``--json`` writes them (percent, null = n/a)."""
     ap = argparse.ArgumentParser(prog="python -m delg.evaluate", description=__doc__.split("\n")[0])
@@ -347,23 +374,16 @@ def main(argv: list[str] | None = None) -> Path | None:
             args.json = str(Path(value) / "evaluation.json")
     try:
         gnd = read_gnd(args.gnd)
-    except OSError as e:  # a missing or unreadable ground truth: one line, no traceback
-        raise RankingError(f"{args.gnd}: cannot read ground truth ({e})") from None
+    except (ProjectError, OSError) as e:  # a missing or malformed ground truth: one line, no traceback
+        raise RankingError(f"--gnd {e}") from None
     try:
-        loaded = np.load(args.ranks, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise RankingError(f"{args.ranks}: cannot read ranking ({e})") from None
-    if isinstance(loaded, np.lib.npyio.NpzFile):  # the pipeline's ranks/*.npz hold the ranking under 'ranks'
-        with loaded:
-            if "ranks" not in loaded.files:
-                raise RankingError(f"{args.ranks}: no 'ranks' array (has {', '.join(loaded.files)})")
-            ranks = loaded["ranks"]
-    else:
-        ranks = loaded
+        ranks = load_ranking(args.ranks)
+    except RankingError as e:
+        raise RankingError(f"--ranks {e}") from None
     try:
         full = evaluate_per_query(gnd, ranks, n_db=args.n_db)
     except RankingError as e:
-        raise RankingError(f"{args.ranks}: {e}") from None
+        raise RankingError(f"--ranks {args.ranks}: {e}") from None
     res = {p: (None if r["n_queries"] == 0 else {k: r[k] for k in ("mAP", "mP@1", "mP@5", "mP@10")})
            for p, r in full.items()}
     print(f"{gnd.name}: {gnd.n_queries} queries, ranking {ranks.shape[0]} x {ranks.shape[1]}")

@@ -10,8 +10,12 @@ fed in the colour order and normalisation of the model's weights (``model.input_
 checkpoints and their fine-tunes), resized as ``extract.resize`` says.
 
 Outputs, under ``<output_dir>/features/<dataset>/``:
-    ``<preset>-db.h5``, ``<preset>-query.h5``  the stores (``delg.store``); ``query_full`` when queries are not cropped
-    ``<store>.skipped.json``                    images that could not be read (skipped, the rest proceeds)
+    ``<preset>-db.h5``, ``<preset>-query.h5``  the stores (``delg.store``); ``query_full`` when queries are not cropped;
+                                                none when every query is a whole database image (folder datasets,
+                                                revisitop with ``query_crop=false``): the queries read the db store
+                                                (:func:`queries_in_db`), so no image is extracted twice
+    ``<store>.skipped.json``                    images that could not be read (skipped, the rest proceeds); a
+                                                damaged one is moved aside and its images are tried again
     ``<store>.progress.json``                   images done / total, rewritten after every image
 
 Distractors (``dataset.distractors``, e.g. the 1M of ROxford+1M / RParis+1M) are not part of the benchmark's db
@@ -237,6 +241,25 @@ def features_dir(conf: Config, dataset_name: str) -> Path:
 def store_path(conf: Config, dataset_name: str, split: str) -> Path:
     """Path of the (merged) store of one split: ``<output_dir>/features/<dataset>/<preset>-<split>.h5``."""
     return features_dir(conf, dataset_name) / f"{preset_name(conf)}-{split_tag(conf, split)}.h5"
+
+
+def queries_in_db(conf: Config, dataset: Any) -> bool:
+    """Every query is a database image read whole (same name, same file, no crop in effect): a folder dataset, or
+    revisitop with ``dataset.query_crop=false``.  Their features are then the database's, so the queries are not
+    extracted a second time: the query split reads (and fills) the db store."""
+    if not dataset.query_names:
+        return False
+    crop = bool(conf.dataset.get("query_crop", True))
+    bbx = list(getattr(dataset, "query_bbx", None) or [None] * len(dataset.query_names))
+    if crop and any(b is not None for b in bbx):
+        return False
+    db = dict(zip(dataset.db_names, dataset.db_paths))
+    return all(n in db and Path(db[n]) == Path(p) for n, p in zip(dataset.query_names, dataset.query_paths))
+
+
+def query_store_path(conf: Config, dataset: Any) -> Path:
+    """The store holding the queries' features: the query store, or the db store when :func:`queries_in_db`."""
+    return store_path(conf, dataset.name, "db" if queries_in_db(conf, dataset) else "query")
 
 
 def distractor_dir(conf: Config) -> Path:
@@ -629,15 +652,28 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def read_skipped(path: Path) -> dict[str, dict[str, str]]:
+    """``{name: {"name", "path", "error"}}`` of a ``.skipped.json``; ``{}`` when there is none.  A damaged one
+    (not JSON, or not a list of such entries) is moved aside with one line and read as empty: its images count as
+    not done, so the extraction tries them again and writes a new list."""
+    from delg.store import move_aside
+
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, list) or not all(isinstance(d, dict) and isinstance(d.get("name"), str) for d in data):
+            raise ValueError("not a list of {name, path, error} entries")
+    except (ValueError, UnicodeDecodeError) as e:
+        move_aside(path, f"unreadable list of skipped images ({e})", "its images are tried again")
+        return {}
+    return {d["name"]: d for d in data}
+
+
 def _update_skipped(store: Path, failures: Mapping[str, dict[str, str]], done: set[str] | FeatureStore) -> int:
     """Keep ``<store>.skipped.json`` = images that failed and are still not in the store, sorted by name."""
     path = sidecar(store, "skipped")
-    old = {}
-    if path.is_file():
-        try:
-            old = {d["name"]: d for d in json.loads(path.read_text())}
-        except (ValueError, KeyError, TypeError):
-            old = {}
+    old = read_skipped(path)
     old.update(failures)
     keep = [old[n] for n in sorted(old) if n not in done]
     if keep:
@@ -666,6 +702,9 @@ def store_jobs(conf: Config, dataset: Any, split: str) -> list[StoreJob]:
     """The stores of one split: one, or for ``db`` with distractors the benchmark's db store (global + local)
     and the shared distractor store (globals only; their local features come on demand)."""
     items = split_items(dataset, split, conf)
+    if split == "query" and queries_in_db(conf, dataset):  # the queries' features are the db store's
+        return [StoreJob(store_path(conf, dataset.name, "db"), "db", extraction_settings(conf, "db"), items,
+                         bool(conf.extract.local), f"{dataset.name} queries (in the db store)")]
     tag = split_tag(conf, split)
     own = StoreJob(store_path(conf, dataset.name, split), tag, extraction_settings(conf, tag), items,
                    bool(conf.extract.local), f"{dataset.name} {split}")
@@ -881,9 +920,7 @@ def merge_parts(main: Path, n: int, preset: str, settings: Mapping[str, Any], fo
                 if meta is not None:
                     st.set_model_meta(meta)
                 st.copy_from(ps, overwrite=True)
-            sk = sidecar(p, "skipped")
-            if sk.is_file():
-                failures.update({d["name"]: d for d in json.loads(sk.read_text())})
+            failures.update(read_skipped(sidecar(p, "skipped")))
         done = set(st.names())
         n_skipped = _update_skipped(main, failures, done)
         _write_json(sidecar(main, "progress"), {"done": len(done), "skipped": n_skipped, "total": len(done) + n_skipped})
@@ -913,7 +950,8 @@ def _all_complete(parts: Sequence[Path]) -> bool:
 def main(conf: Config, dataset: Any = None) -> Path:
     """Extract the splits ``extract.splits`` of the configured dataset; returns the folder of the stores.
 
-    Images already in a store are skipped (``overwrite=true`` redoes them); the model is built only when there is
+    Images already in a store are skipped (``overwrite=true`` redoes every image of every store of the splits,
+    the shared distractor store included); the model is built only when there is
     something to extract.  ``dataset`` (a ``RetrievalDataset``) overrides ``load_dataset(conf)``.  With
     distractors, split ``db`` fills two stores (:func:`store_jobs`).
     """
@@ -950,10 +988,7 @@ def stores_complete(conf: Config, dataset: Any, split: str) -> bool:
         path = job.path
         if not path.is_file():
             return False
-        skipped = set()
-        sk = sidecar(path, "skipped")
-        if sk.is_file():
-            skipped = {d["name"] for d in json.loads(sk.read_text())}
+        skipped = set(read_skipped(sidecar(path, "skipped")))
         try:
             with FeatureStore(path, "r") as st:
                 if not all(st.has(it.name) or it.name in skipped for it in job.items):
@@ -991,6 +1026,10 @@ class OnDemandLocals:
         self.items = {n: Item(n, Path(p)) for n, p in zip(dataset.db_names[n_own:], dataset.db_paths[n_own:])}
         self._model: torch.nn.Module | None = None
         self.n_extracted = 0  # images extracted by this object (the rest were in the store already)
+        # overwrite=true redoes the distractor store's globals, so the local features asked for are redone too
+        # (each once in this process), never mixed with kept ones of an earlier extraction
+        self.overwrite = bool(conf.get("overwrite", False))
+        self._redone: set[str] = set()
 
     def covers(self, name: str) -> bool:
         """``name`` is one of the distractors."""
@@ -1014,7 +1053,7 @@ class OnDemandLocals:
         # while this one reads; HDF5 gives no such guarantee on its own.
         with FeatureStore(self.path, "a", preset=self.preset, settings=self.settings, split="distractors-local",
                           float16=bool(self.conf.extract.float16), wait=True) as st:
-            if not st.has(name):
+            if not st.has(name) or (self.overwrite and name not in self._redone):
                 sample = ImageLoader([self.items[name]], self.xs)[0]
                 if "error" in sample:
                     raise ImageReadError(sample["error"])
@@ -1023,9 +1062,10 @@ class OnDemandLocals:
                 mp = bool(self.conf.get("mixed_precision", False)) and next(model.parameters()).device.type == "cuda"
                 feats = extract_multiscale(model, sample["image"], self.xs, orig_size=tuple(sample["size"]),
                                            mixed_precision=mp)
-                st.write(name, feats)
+                st.write(name, feats, overwrite=self.overwrite)
                 st.commit()
                 self.n_extracted += 1
+                self._redone.add(name)
             return st.read_local(name)
 
 

@@ -37,13 +37,13 @@ _PROTOCOL_KEY = {"easy": "E", "medium": "M", "hard": "H"}
 
 
 def _stored_names(conf: Config, dataset: RetrievalDataset, split: str) -> set[str]:
-    from delg.extract import open_db_store, preset_name, store_path
+    from delg.extract import open_db_store, preset_name, query_store_path
     from delg.store import FeatureStore
 
     if split == "db":  # the db store, plus the shared distractor store when there is one
         with open_db_store(conf, dataset) as st:
             return set(st.names())
-    with FeatureStore(store_path(conf, dataset.name, split), "r", preset=preset_name(conf)) as st:
+    with FeatureStore(query_store_path(conf, dataset), "r", preset=preset_name(conf)) as st:
         return set(st.names())
 
 
@@ -53,11 +53,11 @@ def _subset_gnd(gnd: GroundTruth, keep: Sequence[int]) -> GroundTruth:
 
 def _skipped_report(dataset: RetrievalDataset, missing_db: list[int], missing_q: list[int], conf: Config) -> list[dict]:
     """One entry per image that has no features, with the reason the extraction recorded."""
-    from delg.extract import db_store_paths, sidecar, store_path
+    from delg.extract import db_store_paths, query_store_path, sidecar
 
     reasons: dict[str, str] = {}
     sidecars = [("db", sidecar(p, "skipped")) for p in db_store_paths(conf, dataset)]
-    for split, p in [*sidecars, ("query", sidecar(store_path(conf, dataset.name, "query"), "skipped"))]:
+    for split, p in [*sidecars, ("query", sidecar(query_store_path(conf, dataset), "skipped"))]:
         if p.is_file():
             try:
                 data = json.loads(p.read_text())
@@ -114,6 +114,10 @@ def main(conf: Config) -> Path:
 
     out_dir = Path(conf.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # A run that fails must not leave an older results.json that reads as its result: it becomes
+    # results.previous.json now, and the new one is written (atomically) only at the end.
+    if (out_dir / "results.json").is_file():
+        (out_dir / "results.json").replace(out_dir / "results.previous.json")
     dump_config(conf, out_dir / "config.yaml")
     timing: dict[str, float] = {}
 

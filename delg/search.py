@@ -14,7 +14,11 @@ Outputs (``main``), under ``<output_dir>/ranks/``:
 ``depth = n_db`` (the whole database, revisitop's full ranking) when ``ranks.depth`` is ``null``/``all``, else
 ``min(ranks.depth, n_db)`` (a cut: a positive below the cut counts as never found).  The index is saved beside the
 features as ``<preset>-db.<kind>-<key>.faiss``, ``key`` hashing the database store (image names in dataset order,
-file size), the index settings and DBA; it is rebuilt whenever one of them changes.  Database vectors are read and
+the store's content checksum, :meth:`delg.store.FeatureStore.identity`), the index settings and DBA; it is rebuilt
+whenever one of them changes, and a saved index FAISS cannot read (or of the wrong size) is moved aside
+(``*.damaged-<time>.faiss``) with one line and rebuilt.  A cached ranking is reused only when its meta matches
+(including ``query_globals``, a hash of the query descriptors read this run, so a same-size change of the query
+store is seen) and both arrays load with the expected shape; a damaged one is moved aside and the search runs again.  Database vectors are read and
 added in chunks of ``search.chunk`` and queries searched in chunks of ``search.query_chunk``, so no
 (n_db, n_queries) similarity matrix is held beyond the ranking asked for: +R1M runs in the memory of the index
 itself (8 GB flat at 1M x 2048 float32, 2 GB at 512-d; IVF-PQ with m=64, nbits=8 needs 64 bytes per image, plus d
@@ -49,6 +53,7 @@ from delg.extract import (
     db_store_paths,
     open_db_store,
     preset_name,
+    query_store_path,
     store_path,
     stores_complete,
 )
@@ -479,12 +484,18 @@ def _dba(index: faiss.Index, conf: Config, progress: bool) -> faiss.Index:
     return new
 
 
-def index_key(conf: Config, db_path: Path | Sequence[Path], names: Sequence[str]) -> str:
+def store_identities(st: FeatureStore | StoreUnion) -> list[str]:
+    """Content identity of each file of the database view (:meth:`FeatureStore.identity`: the checksum the store
+    keeps up to date at every commit), so an in-place edit or a redone image is never mistaken for the same store."""
+    return [s.identity() for s in (st.stores if isinstance(st, StoreUnion) else [st])]
+
+
+def index_key(conf: Config, identities: Sequence[str], names: Sequence[str]) -> str:
     sc = conf.search
     h = hashlib.sha1()
     h.update(preset_name(conf).encode())
-    for p in [db_path] if isinstance(db_path, Path) else db_path:  # the db store (+ the distractor store)
-        h.update(str(p.stat().st_size).encode())
+    for ident in identities:  # the db store (+ the distractor store)
+        h.update(ident.encode())
     h.update("\n".join(names).encode())
     fields = {"index": sc.index, "dba_k": sc.dba_k, "alpha": sc.alpha if sc.dba_k else None, "seed": conf.seed}
     if sc.index == "ivfpq":
@@ -494,6 +505,22 @@ def index_key(conf: Config, db_path: Path | Sequence[Path], names: Sequence[str]
 
 
 _CACHE: dict[str, DatabaseIndex] = {}
+
+
+def _read_saved_index(path: Path, d: int, n: int) -> faiss.Index | None:
+    """The saved index, or ``None`` (moved aside with one line, to be rebuilt) when FAISS cannot read it (truncated,
+    overwritten) or it does not hold ``n`` vectors of size ``d``."""
+    from delg.store import move_aside
+
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError as e:
+        move_aside(path, f"unreadable FAISS index ({_one_line(e)})", "the index is rebuilt")
+        return None
+    if index.d != d or index.ntotal != n:
+        move_aside(path, f"FAISS index holds {index.ntotal} vectors of size {index.d}, expected {n} of size {d}", "the index is rebuilt")
+        return None
+    return index
 
 
 def get_index(conf: Config, dataset: Any) -> DatabaseIndex:
@@ -512,19 +539,22 @@ def get_index(conf: Config, dataset: Any) -> DatabaseIndex:
                   f"(see the .skipped.json beside {db_path.name}); they rank last", file=sys.stderr)
         if not names:
             raise SearchError(f"{db_path}: no database image has features")
-        key = index_key(conf, db_paths, names)
+        key = index_key(conf, store_identities(st), names)
         path = db_path.with_name(f"{db_path.stem}.{conf.search.index}-{key}.faiss")
         reuse = bool(conf.search.save_index) and not conf.get("overwrite", False)
         if reuse and str(path) in _CACHE:
             return _CACHE[str(path)]
-        loaded = reuse and path.is_file()
-        cpu = faiss.read_index(str(path)) if loaded else _build(st, names, conf, progress)
+        cpu = _read_saved_index(path, st.global_dim(), len(names)) if reuse and path.is_file() else None
+        loaded = cpu is not None
+        if cpu is None:
+            cpu = _build(st, names, conf, progress)
     if not loaded:
         if int(conf.search.dba_k or 0) > 0:
             cpu = _dba(cpu, conf, progress)
         if bool(conf.search.save_index):
             for old in path.parent.glob(f"{db_path.stem}.{conf.search.index}-*.faiss"):
-                old.unlink()  # indexes of an older database store or other settings
+                if ".damaged-" not in old.name:  # a moved-aside file stays for inspection
+                    old.unlink()  # indexes of an older database store or other settings
             tmp = path.with_name(path.name + ".tmp")
             faiss.write_index(cpu, str(tmp))
             tmp.replace(path)
@@ -545,7 +575,7 @@ def get_index(conf: Config, dataset: Any) -> DatabaseIndex:
 # ---------------------------------------------------------------------------------------------- queries
 def query_vectors(conf: Config, dataset: Any) -> np.ndarray:
     """(n_queries, D) float32 from the query store; zeros (with a warning) for unreadable queries."""
-    path = store_path(conf, dataset.name, "query")
+    path = query_store_path(conf, dataset)  # the db store when the queries are whole database images
     with FeatureStore(path, "r", preset=preset_name(conf)) as st:
         d = st.global_dim()
         out = np.zeros((len(dataset.query_names), d), np.float32)
@@ -582,9 +612,21 @@ def rank(db: DatabaseIndex, queries: np.ndarray, conf: Config) -> tuple[np.ndarr
     return np.ascontiguousarray(ids.T), np.ascontiguousarray(scores.T)
 
 
+_REDONE: set[tuple[str, ...]] = set()
+
+
+def _redo_key(conf: Config, dataset: Any, split: str) -> tuple[str, ...]:
+    return (str(Path(conf.output_dir).resolve()), dataset.name, preset_name(conf), split)
+
+
 def ensure_features(conf: Config, dataset: Any, splits: Sequence[str] = ("db", "query")) -> None:
-    """Run the extraction for the splits whose stores are missing or incomplete (a fresh clone works)."""
-    todo = [s for s in splits if not stores_complete(conf, dataset, s)]
+    """Run the extraction for the splits whose stores are missing or incomplete (a fresh clone works); with
+    ``overwrite=true`` for every split (the whole extraction is redone, the shared distractor store included)."""
+    overwrite = bool(conf.get("overwrite", False))
+    # overwrite=true redoes the extraction of every split (once per process: search_one after ensure_features,
+    # or a second stage in the same process, must not redo it again)
+    todo = [s for s in splits if (overwrite and _redo_key(conf, dataset, s) not in _REDONE)
+            or not stores_complete(conf, dataset, s)]
     if not todo:
         return
     from delg.extract import main as extract_main
@@ -593,6 +635,8 @@ def ensure_features(conf: Config, dataset: Any, splits: Sequence[str] = ("db", "
     sub.extract.splits = list(todo)
     sub.extract.merge = False
     extract_main(sub, dataset)
+    if overwrite:
+        _REDONE.update(_redo_key(conf, dataset, s) for s in todo)
     for s in todo:
         if not stores_complete(conf, dataset, s):
             raise SearchError(
@@ -617,15 +661,17 @@ def main(conf: Config, dataset: Any = None) -> Path:
     dump_config(conf, out / "global.config.yaml")
     ranks_path, scores_path, meta_path = out / "global.npy", out / "global_scores.npy", out / "global.meta.json"
     db = get_index(conf, dataset)
-    qpath = store_path(conf, dataset.name, "query")
+    qpath = query_store_path(conf, dataset)
     sc = conf.search
     depth = ranking_depth(conf.ranks.depth, db.n_db)
     kind = db.kind
+    queries = query_vectors(conf, dataset)  # read (and checked) every run: their hash is the ranking's identity
     meta = {
         "dataset": dataset.name,
         "db_store": store_path(conf, dataset.name, "db").name,
         "query_store": qpath.name,
-        "query_store_bytes": qpath.stat().st_size,
+        # the query descriptors themselves (not the file size: an in-place edit keeps the size)
+        "query_globals": hashlib.sha1(np.ascontiguousarray(queries).tobytes()).hexdigest()[:16],
         "query_names": hashlib.sha1("\n".join(dataset.query_names).encode()).hexdigest()[:12],
         "index": kind,  # what searched: search.index=ivfpq falls back to flat on a tiny database
         "exact": kind == "flat",
@@ -647,11 +693,12 @@ def main(conf: Config, dataset: Any = None) -> Path:
     if ranks_path.is_file() and scores_path.is_file() and meta_path.is_file() and not conf.get("overwrite", False):
         try:
             old = json.loads(meta_path.read_text())
-            if {k: v for k, v in old.items() if k not in _META_OUTCOMES} == meta:
+            if {k: v for k, v in old.items() if k not in _META_OUTCOMES} == meta and _cached_ranks_ok(
+                    ranks_path, scores_path, (depth, len(dataset.query_names)), db.n_db):
                 return ranks_path
         except ValueError:
             pass
-    ranks, scores = rank(db, query_vectors(conf, dataset), conf)
+    ranks, scores = rank(db, queries, conf)
     for path, arr in ((ranks_path, ranks), (scores_path, scores)):
         tmp = path.with_name(path.stem + ".tmp.npy")
         np.save(tmp, arr)
@@ -659,6 +706,27 @@ def main(conf: Config, dataset: Any = None) -> Path:
     meta["gpu_fallbacks"] = list(db.notes)  # requests answered without the GPU copy, and why
     meta_path.write_text(json.dumps(meta, indent=1))
     return ranks_path
+
+
+def _cached_ranks_ok(ranks_path: Path, scores_path: Path, shape: tuple[int, int], n_db: int) -> bool:
+    """The saved ranking and scores load and have the expected shape, dtype and range; a damaged one is moved
+    aside (one line) and ``False`` is returned so that it is recomputed."""
+    from delg.store import move_aside
+
+    for path, kind in ((ranks_path, "i"), (scores_path, "f")):
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            problem = None
+            if arr.dtype.kind != kind or arr.shape != shape:
+                problem = f"holds a {arr.dtype} array of shape {arr.shape}, expected {shape}"
+            elif kind == "i" and arr.size and (int(arr.min()) < 0 or int(arr.max()) >= n_db):
+                problem = f"holds database indices outside [0, {n_db})"
+        except (OSError, ValueError, EOFError) as e:
+            problem = f"unreadable ({_one_line(e)})"
+        if problem is not None:
+            move_aside(path, f"cached ranking {problem}", "the search runs again")
+            return False
+    return True
 
 
 # Meta entries that report how the search went rather than what it is: not compared when reusing a ranking.

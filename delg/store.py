@@ -20,11 +20,22 @@ an interrupted batch are redone).  A file that HDF5
 cannot open (truncated by a crash, overwritten) or whose newest groups cannot be read is moved aside to
 ``<name>.corrupt[-k].h5`` with a message, the readable images are salvaged into a fresh file and the rest is redone.
 Nothing time-dependent is stored, so two runs that computed the same features give stores that compare equal.
+
+Content checksums: every image group carries ``checksums`` (JSON: a 16-hex BLAKE2b of each array's bytes, written
+when the image is staged) and the file carries ``content`` (the XOR of one 64-bit token per image, token = hash of
+the name and its array checksums), updated at every commit.  ``content`` is the store's identity for caches built
+from it (the saved FAISS index): it changes with any image added, redone or deleted, whatever the file size.  Every
+read of an image recomputes the checksum of the arrays it returns (a few microseconds per image) and a mismatch
+(bytes changed after they were written, e.g. overwritten in place) is a :class:`StoreDamagedError` naming the image.
+Global descriptors read are also checked to be finite and of unit norm (a damaged or foreign store).  Stores
+written before checksums existed have no ``content``: they are read unverified (values are still checked) and
+identified by size and modification time.
 Writers take an exclusive ``flock`` on ``<file>.lock`` so two processes never write one store.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -56,6 +67,43 @@ class PresetMismatchError(StoreError):
 
 class StoreBusyError(StoreError):
     """Another process is writing this store."""
+
+
+class StoreDamagedError(StoreError):
+    """Stored bytes do not match their checksum, or hold impossible values (NaN, non-unit global descriptor)."""
+
+
+# |norm - 1| allowed for a stored global descriptor: float32 keeps ~1e-7, float16 rounds each entry by 2^-11 relative
+NORM_TOL = {np.dtype(np.float32): 1e-3, np.dtype(np.float16): 1e-2}
+CHECKSUMS = "checksums"  # group attribute: JSON {array name: 16-hex BLAKE2b of its bytes}
+CONTENT = "content"  # file attribute: 16-hex XOR of every image's token
+
+
+def array_digest(arr: np.ndarray) -> str:
+    """16-hex BLAKE2b of an array's dtype, shape and bytes."""
+    a = np.ascontiguousarray(arr)
+    h = hashlib.blake2b(digest_size=8)
+    h.update(f"{a.dtype.str}{a.shape}".encode())
+    h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _token(key: str, checksums: Mapping[str, str]) -> int:
+    """The 64-bit contribution of one image to the file's ``content``."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(key.encode())
+    h.update(_json(dict(checksums)).encode())
+    return int.from_bytes(h.digest(), "big")
+
+
+def move_aside(path: Path, reason: str, then: str = "it is recomputed") -> Path:
+    """Move a damaged file out of the way so it is recomputed: ``x.npy`` -> ``x.damaged-<UTC time>.npy``; logs one
+    line naming the file, what is wrong and what happens next.  Returns where it went."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    aside = aside_path(path, f"damaged-{stamp}")
+    os.replace(path, aside)
+    _log(f"{path}: {reason}; moved it aside to {aside.name}; {then}")
+    return aside
 
 
 def escape_name(name: str) -> str:
@@ -150,6 +198,8 @@ class FeatureStore:
                 raise
             if "preset" not in self.f.attrs:  # a new file
                 self.f.attrs["format"] = FORMAT
+                if len(self.f) == 0:
+                    self.f.attrs[CONTENT] = f"{0:016x}"
                 if preset is not None:
                     self.f.attrs["preset"] = preset
                 if settings is not None:
@@ -200,7 +250,7 @@ class FeatureStore:
         os.replace(self.path, aside)
         tmp = self.path.with_name(self.path.name + ".salvage")
         new = h5py.File(tmp, "w", track_order=True)
-        n = 0
+        n = content = 0
         try:
             with h5py.File(aside, "r") as old:
                 for k, v in old.attrs.items():
@@ -212,12 +262,11 @@ class FeatureStore:
                         arrays = _read_group(old[key])
                     except (OSError, KeyError, RuntimeError, ValueError):
                         continue
-                    g = new.create_group(key)
-                    for name, arr in arrays.items():
-                        g.create_dataset(name, data=arr)
+                    content ^= _token(key, _write_group(new, key, arrays))
                     n += 1
         except (OSError, KeyError, RuntimeError, ValueError):
             pass  # nothing (more) readable: what was copied stays, the rest is redone
+        new.attrs[CONTENT] = f"{content:016x}"
         new.flush()
         new.close()
         os.replace(tmp, self.path)
@@ -259,6 +308,23 @@ class FeatureStore:
         elif old != new:
             raise PresetMismatchError(f"{self.path}: written by another model ({old}), not ({new})")
 
+    def _content(self) -> int | None:
+        raw = self.f.attrs.get(CONTENT)
+        return None if raw is None else int(raw, 16)
+
+    def _group_token(self, key: str) -> int:
+        sums = _checksums(self.f[key])
+        return 0 if sums is None else _token(key, sums)
+
+    def identity(self) -> str:
+        """What the store holds, for the keys of caches built from it: ``content`` (changes with every image added,
+        redone or deleted); for a store written before checksums, its size and modification time."""
+        c = self.f.attrs.get(CONTENT)
+        if c is not None:
+            return f"content:{c}"
+        st = self.path.stat()
+        return f"size:{st.st_size}:mtime:{st.st_mtime_ns}"
+
     def attrs(self) -> dict[str, Any]:
         return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in self.f.attrs.items()}
 
@@ -288,8 +354,9 @@ class FeatureStore:
         return self.f[key]
 
     def read_global(self, name: str) -> np.ndarray:
-        """``(D,)`` float32."""
-        return np.asarray(self._group(name)["global"][()], dtype=np.float32)
+        """``(D,)`` float32, checked (checksum, finite, unit norm): :class:`StoreDamagedError` otherwise."""
+        g = self._group(name)
+        return np.asarray(_verified(g, "global", _checksums(g)), dtype=np.float32)
 
     def read_globals(self, names: Sequence[str]) -> np.ndarray:
         """``(N, D)`` float32 global descriptors in the order of ``names``."""
@@ -299,7 +366,7 @@ class FeatureStore:
         out = np.empty((len(names), first.shape[0]), np.float32)
         out[0] = first
         for i, n in enumerate(names[1:], 1):
-            out[i] = self._group(n)["global"][()]
+            out[i] = self.read_global(n)
         return out
 
     def global_dim(self) -> int:
@@ -316,8 +383,9 @@ class FeatureStore:
         g = self._group(name)
         if "keypoints" not in g:
             raise StoreError(f"{self.path}: image '{name}' has no local features (extracted with extract.local=false)")
-        out = {k: np.asarray(g[k][()], dtype=np.float32) for k in LOCAL_KEYS}
-        out["image_size"] = np.asarray(g["image_size"][()], dtype=np.int64)
+        sums = _checksums(g)
+        out = {k: np.asarray(_verified(g, k, sums), dtype=np.float32) for k in LOCAL_KEYS}
+        out["image_size"] = np.asarray(_verified(g, "image_size", sums), dtype=np.int64)
         return out
 
     def read(self, name: str) -> dict[str, np.ndarray]:
@@ -347,9 +415,7 @@ class FeatureStore:
         scratch = self.f.require_group(SCRATCH)
         if key in scratch:
             del scratch[key]
-        g = scratch.create_group(key)
-        for k, arr in arrays.items():
-            g.create_dataset(k, data=arr)
+        _write_group(scratch, key, arrays)
         self._staged[key] = None
         self._name_set().add(unescape_name(key))
 
@@ -363,11 +429,18 @@ class FeatureStore:
         n = len(self._staged)
         if n:
             self.f.flush()
+            content = self._content()  # None: a store written before checksums, left without one
             for key in self._staged:
                 if key in self.f:  # overwrite: the old version goes only now, when the new one is on disk
+                    if content is not None:
+                        content ^= self._group_token(key)
                     del self.f[key]
                 self.f.move(f"{SCRATCH}/{key}", key)
+                if content is not None:
+                    content ^= self._group_token(key)
             del self.f[SCRATCH]
+            if content is not None:
+                self.f.attrs[CONTENT] = f"{content:016x}"
             self.f.flush()
             self._staged.clear()
         self._last_commit = time.monotonic()
@@ -394,6 +467,9 @@ class FeatureStore:
     def delete(self, name: str) -> None:
         key = escape_name(name)
         if key in self.f:
+            content = self._content()
+            if content is not None:
+                self.f.attrs[CONTENT] = f"{content ^ self._group_token(key):016x}"
             del self.f[key]
             self.f.flush()
         self._name_set().discard(name)
@@ -520,10 +596,64 @@ def _cast(feats: Mapping[str, Any], float16: bool) -> dict[str, np.ndarray]:
     return out
 
 
+def _write_group(parent: h5py.Group, key: str, arrays: Mapping[str, np.ndarray]) -> dict[str, str]:
+    """Create ``parent/key`` with ``arrays`` and their checksums; returns the checksums."""
+    g = parent.create_group(key)
+    sums = {}
+    for k, arr in arrays.items():
+        arr = np.asarray(arr)
+        g.create_dataset(k, data=arr)
+        sums[k] = array_digest(arr)
+    g.attrs[CHECKSUMS] = _json(sums)
+    return sums
+
+
+def _checksums(g: h5py.Group) -> dict[str, str] | None:
+    raw = g.attrs.get(CHECKSUMS)
+    if raw is None:
+        return None  # written before checksums existed
+    try:
+        sums = json.loads(raw)
+    except ValueError:
+        sums = None
+    if not isinstance(sums, dict):
+        raise StoreDamagedError(f"{g.file.filename}: image '{unescape_name(g.name.rsplit('/', 1)[-1])}': unreadable "
+                                f"checksums attribute; delete the file or extract again with overwrite=true")
+    return sums
+
+
+def _verified(g: h5py.Group, key: str, sums: Mapping[str, str] | None) -> np.ndarray:
+    """One array of an image group, checked against its checksum (and, for ``global``, its values)."""
+    arr = np.asarray(g[key][()])
+    where = f"{g.file.filename}: image '{unescape_name(g.name.rsplit('/', 1)[-1])}'"
+    if sums is not None and sums.get(key) != array_digest(arr):
+        raise StoreDamagedError(f"{where}: '{key}' does not match the checksum written with it (the file was modified "
+                                f"after extraction); delete the file or extract again with overwrite=true")
+    if key == "global":
+        check_global(arr, where)
+    return arr
+
+
+def check_global(arr: np.ndarray, where: str) -> None:
+    """A stored global descriptor must be finite and of unit norm (``NORM_TOL``); else :class:`StoreDamagedError`."""
+    if arr.dtype.kind != "f" or arr.ndim != 1:
+        raise StoreDamagedError(f"{where}: global descriptor of dtype {arr.dtype} and shape {arr.shape}, expected a "
+                                f"float vector; delete the file or extract again with overwrite=true")
+    x = arr.astype(np.float64)
+    if not np.isfinite(x).all():
+        raise StoreDamagedError(f"{where}: global descriptor holds NaN/inf; delete the file or extract again with "
+                                f"overwrite=true")
+    norm = float(np.sqrt(x @ x))
+    if abs(norm - 1.0) > NORM_TOL.get(arr.dtype, 1e-2):
+        raise StoreDamagedError(f"{where}: global descriptor has norm {norm:.4g}, not 1 (damaged or not written by "
+                                f"this extraction); delete the file or extract again with overwrite=true")
+
+
 def _read_group(g: h5py.Group) -> dict[str, np.ndarray]:
     if "global" not in g:
         raise KeyError(f"group {g.name} has no 'global'")
-    return {k: np.asarray(g[k][()]) for k in g.keys()}
+    sums = _checksums(g)
+    return {k: _verified(g, k, sums) for k in g.keys()}
 
 
 def store_contents(path: str | Path) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:

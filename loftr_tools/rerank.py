@@ -23,7 +23,9 @@ Caching:
 * Inliers: one SQLite file per verifier + RANSAC setting, ``<output_dir>/matches/inliers-<tag>.sqlite``, keyed by
   (query key incl. crop, database key), or for an unordered pair by ``('pair:' + first path, second path)``. Each
   pair is committed as soon as it is scored, so a killed run loses at most the pair in progress, a rerun skips what
-  is done, and another protocol (or ``top_k`` <= the cached one) reuses the counts without matching anything. (With ``match_many`` a kill loses at most the batch in progress.)
+  is done, and another protocol (or ``top_k`` <= the cached one) reuses the counts without matching anything.
+  A file SQLite cannot read (garbage, truncated: checked with ``PRAGMA quick_check`` on opening) is moved aside
+  (``*.damaged-<time>.sqlite``) with one line and its pairs are verified again; ``overwrite=true`` starts it empty. (With ``match_many`` a kill loses at most the batch in progress.)
 
 Failures: an image that cannot be read scores 0 with every partner (counted, listed in the log, not cached so a
 fixed file is retried). A CUDA OOM pair is retried at smaller sizes (``rerank.oom_retry_factors``), logged.
@@ -49,6 +51,7 @@ import torch
 
 from delg.config import dump_config
 from delg.data.images import ImageReadError
+from delg.errors import ProjectError
 from loftr_tools.base import IDENTICAL_INLIERS, ImageRef, Verifier
 from loftr_tools.ransac import RansacConf, ransac_inliers
 from loftr_tools.resize import is_oom, run_with_oom_retry, smaller_long_side
@@ -108,17 +111,37 @@ class InlierCache:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.db = sqlite3.connect(str(self.path), timeout=60)
-            # WAL + one commit per pair: a kill loses at most the pair in progress; readers never block writers.
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.execute("CREATE TABLE IF NOT EXISTS pairs (query TEXT NOT NULL, db TEXT NOT NULL, "
-                            "inliers INTEGER NOT NULL, matches INTEGER NOT NULL, PRIMARY KEY (query, db))")
-            self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
-            self.db.execute("INSERT OR IGNORE INTO meta VALUES ('tag', ?)", (tag,))
-            self.db.commit()
+            self.db = self._connect(tag)
         except sqlite3.DatabaseError as e:
-            raise RuntimeError(f"{self.path}: unreadable inlier cache ({e}); delete it to recompute") from None
+            # Only a cache: a damaged file (truncated, overwritten) is moved aside and the counts are recomputed.
+            from delg.store import move_aside
+
+            move_aside(self.path, f"unreadable inlier cache ({e})", "its pairs are verified again")
+            for extra in ("-wal", "-shm"):  # the damaged file's journal must not be applied to the new one
+                self.path.with_name(self.path.name + extra).unlink(missing_ok=True)
+            self.db = self._connect(tag)
+
+    def _connect(self, tag: str) -> sqlite3.Connection:
+        assert self.path is not None
+        db = sqlite3.connect(str(self.path), timeout=60)
+        try:
+            # quick_check reads every page (the cache holds top-K x queries pairs: milliseconds) and catches a
+            # truncated file, which would otherwise fail only at the first lookup of a lost page.
+            check = db.execute("PRAGMA quick_check").fetchone()
+            if not check or check[0] != "ok":
+                raise sqlite3.DatabaseError(f"integrity check: {check[0] if check else 'no answer'}")
+            # WAL + one commit per pair: a kill loses at most the pair in progress; readers never block writers.
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("CREATE TABLE IF NOT EXISTS pairs (query TEXT NOT NULL, db TEXT NOT NULL, "
+                       "inliers INTEGER NOT NULL, matches INTEGER NOT NULL, PRIMARY KEY (query, db))")
+            db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('tag', ?)", (tag,))
+            db.commit()
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     def get_many(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], int]:
         keys = list(dict.fromkeys(keys))
@@ -614,16 +637,49 @@ def open_reranker(conf: Any, dataset: Any, method: str) -> Reranker:
     rc = conf.rerank
     ctx: dict[str, Any] = {}
     if method == "delg":
-        from delg.extract import distractor_locals, store_path
+        from delg.extract import distractor_locals, query_store_path, store_path
 
-        ctx["stores"] = {"query": Path(rc.query_store) if rc.get("query_store") else store_path(conf, dataset.name, "query"),
+        ctx["stores"] = {"query": Path(rc.query_store) if rc.get("query_store") else query_store_path(conf, dataset),
                          "db": Path(rc.db_store) if rc.get("db_store") else store_path(conf, dataset.name, "db")}
         # Distractors have globals only; their local features are extracted when first verified.
         ctx["on_demand"] = distractor_locals(conf, dataset)
     verifier = build_verifier(method, conf, conf.device, **ctx)
     cache = Reranker.default_cache_path(conf.output_dir, verifier, conf.ransac) if rc.cache else None
+    if cache is not None and conf.get("overwrite", False):  # overwrite=true verifies every pair again
+        for extra in ("", "-wal", "-shm"):
+            cache.with_name(cache.name + extra).unlink(missing_ok=True)
     return Reranker(verifier, conf.ransac, cache, rc.feature_cache_mb, bool(conf.progress),
                     rc.oom_retry_factors, rc.min_inliers)
+
+
+class GlobalRanksError(ProjectError, ValueError):
+    """``rerank.global_ranks`` (a user's file) is missing or not a ranking of this dataset; names the file."""
+
+
+def load_global_ranks(src: Path, n_queries: int, n_db: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """``rerank.global_ranks``: ``ranks`` (R, n_queries) integer, values in [0, n_db), and the optional
+    ``<stem>_scores.npy`` beside it (R, n_queries) float, or ``None``.  Anything else: :class:`GlobalRanksError`."""
+    from delg.evaluate import RankingError, check_ranks, load_ranking
+
+    key = "rerank.global_ranks"
+    if not src.is_file():
+        raise GlobalRanksError(f"{key}: file not found: {src}")
+    try:
+        ranks = check_ranks(load_ranking(src), n_queries, n_db, check_unique=False)
+    except RankingError as e:
+        msg = str(e) if str(e).startswith(str(src)) else f"{src}: {e}"
+        raise GlobalRanksError(f"{key}: {msg} (expected an integer array (rows <= {n_db}, {n_queries}))") from None
+    score_path = src.with_name(src.stem + "_scores.npy")
+    if not score_path.is_file():
+        return ranks, None
+    try:
+        scores = np.load(score_path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise GlobalRanksError(f"{key}: {score_path}: unreadable scores ({str(e).strip()[:200]})") from None
+    if scores.dtype.kind != "f" or scores.shape != ranks.shape:
+        raise GlobalRanksError(f"{key}: {score_path} holds a {scores.dtype} array of shape {scores.shape}; expected "
+                               f"float similarities of the ranking's shape {ranks.shape}")
+    return ranks, scores
 
 
 def main(conf: Any, method: str | None = None, dataset: Any = None) -> Path:
@@ -642,15 +698,14 @@ def main(conf: Any, method: str | None = None, dataset: Any = None) -> Path:
     out_dir = Path(conf.output_dir)
     if rc.get("global_ranks"):
         src = Path(rc.global_ranks)
-        if not src.is_file():
-            raise FileNotFoundError(f"rerank.global_ranks: file not found: {src}")
+        ranks, scores = load_global_ranks(src, len(dataset.query_names), len(dataset.db_names))
     else:  # the global stage of this config; delg.search skips itself when its ranking is up to date
         from delg.search import main as search_main
 
-        src = search_main(conf, dataset)
-    ranks = np.load(src)
-    score_path = src.with_name(src.stem + "_scores.npy")
-    scores = np.load(score_path) if score_path.is_file() else None
+        src = search_main(conf, dataset)  # checks its cached ranking, recomputes a damaged one
+        ranks = np.load(src)
+        score_path = src.with_name(src.stem + "_scores.npy")
+        scores = np.load(score_path) if score_path.is_file() else None
     methods = [method] if method else list(rc.methods)
     written = out_dir
     dump_config(conf, out_dir / "ranks" / "rerank.config.yaml")

@@ -270,10 +270,10 @@ def test_format_table_and_cli(tmp_path, shared_data, capsys):
     out = main(["--gnd", str(g.source), "--ranks", str(tmp_path / "global.npz"), f"output_dir={tmp_path / 'ev'}"])
     assert out == tmp_path / "ev" / "evaluation.json" and json.loads(out.read_text())["H"] is not None
     capsys.readouterr()
-    # a missing ground truth: one line "error: ...", exit 2 (the rule of every entry point; it was 1)
+    # a missing ground truth: one line "error: --gnd ...", exit 2 (the rule of every entry point; it was 1)
     assert cli(["--gnd", str(tmp_path / "nope.pkl"), "--ranks", str(tmp_path / "ranks.npy")]) == 2
     err = capsys.readouterr().err
-    assert re.fullmatch(r"error: .*nope\.pkl.*\n", err), err
+    assert re.fullmatch(r"error: --gnd .*nope\.pkl.*\n", err), err
     table = format_table({"global": res, "folders": {"E": res["E"], "M": res["M"], "H": None}}, title="T")
     lines = table.splitlines()
     assert lines[0] == "T" and "global" in table and "n/a" in lines[-2] and f"{res['H']['mAP']:.2f}" in table

@@ -203,7 +203,7 @@ def test_kill_loses_only_the_uncommitted_batch(tmp_path):
         "import os, signal, numpy as np; from delg.store import FeatureStore\n"
         f"st = FeatureStore({str(p)!r}, 'a', preset='feats-test', commit_every=100, commit_seconds=1e9)\n"
         "for i in range(8):\n"
-        "    st.write(f'img{i}', {'global': np.full(4, i, np.float32), 'image_size': [1, 1]})\n"
+        "    st.write(f'img{i}', {'global': np.eye(8, dtype=np.float32)[i], 'image_size': [1, 1]})\n"
         "    if i == 4: st.commit()\n"
         "st.f.flush()\n"  # even flushed, staged images are not visible under their names
         "os.kill(os.getpid(), signal.SIGKILL)\n"
@@ -212,6 +212,6 @@ def test_kill_loses_only_the_uncommitted_batch(tmp_path):
     assert res.returncode == -9
     with FeatureStore(p) as st:
         assert st.names() == [f"img{i}" for i in range(5)]
-        np.testing.assert_array_equal(st.read_global("img3"), np.full(4, 3, np.float32))
+        np.testing.assert_array_equal(st.read_global("img3"), np.eye(8, dtype=np.float32)[3])
     with FeatureStore(p, "a", preset="feats-test") as st:
         assert SCRATCH not in st.f and len(st) == 5

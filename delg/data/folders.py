@@ -82,6 +82,10 @@ def load_folders(root: str | Path, distractors: str | Path | None = None, progre
         "junk": "each query is in the database too and is junk for itself; positives = the other images of its "
                 "landmark, all easy (Easy = Medium, Hard n/a)",
     }
+    broken = [n for n, p in zip(names, paths) if p.is_symlink() and not p.exists()]
+    if broken:  # kept in the dataset: the extraction reports each as unreadable (skipped.json, results.json)
+        notes["broken_symlinks"] = (f"{len(broken)} symlinks point to missing files (skipped as unreadable): "
+                                    + ", ".join(broken[:5]) + (" ..." if len(broken) > 5 else ""))
     if loose:
         notes["loose_images"] = f"{len(loose)} images directly in {root} have no landmark: database only"
     if singles:

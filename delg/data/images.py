@@ -6,6 +6,8 @@ orientation, colour modes and query cropping are handled the same way everywhere
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -67,7 +69,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     if im.mode == "RGB":
         return im
     if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
+        rgba = im if im.mode == "RGBA" else im.convert("RGBA")  # convert() would copy an RGBA image too
         bg = Image.new("RGB", rgba.size, (255, 255, 255))
         bg.paste(rgba, mask=rgba.getchannel("A"))
         return bg
@@ -89,12 +91,26 @@ def image_size(path: str | Path) -> tuple[int, int]:
     try:
         with Image.open(path) as im:
             w, h = im.size
-            orientation = im.getexif().get(0x0112, 1)
+            orientation = _header_orientation(im)
     except FileNotFoundError:
         raise ImageReadError(f"{path}: file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageReadError(f"{path}: cannot read image header ({type(e).__name__}: {e})") from None
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def _header_orientation(im: Image.Image) -> int:
+    """EXIF orientation without decoding the pixels.  ``getexif()`` on a PNG decodes the whole image to look for
+    an eXIf chunk after the pixel data (a 24000x24000 PNG: 1.7 GB); an eXIf chunk before it is already in
+    ``info``, and one after it is ignored here (revisitop and the benchmarks have none)."""
+    if im.format == "PNG":
+        raw = im.info.get("exif")
+        if not raw:
+            return 1
+        exif = Image.Exif()
+        exif.load(raw if isinstance(raw, bytes) else bytes(raw))
+        return int(exif.get(0x0112, 1))
+    return int(im.getexif().get(0x0112, 1))
 
 
 def resize_max_side(im: Image.Image, max_side: int | None) -> Image.Image:
@@ -107,8 +123,25 @@ def resize_max_side(im: Image.Image, max_side: int | None) -> Image.Image:
 
 
 def list_images(root: str | Path) -> list[Path]:
-    """All images under ``root`` (recursively, any common format), sorted for determinism."""
+    """All images under ``root`` (recursively, any common format), sorted for determinism.
+
+    Symlinked folders are followed (a folder reached twice, e.g. through a link loop, is read once, with a
+    warning).  A symlink to a missing file is listed like any image: reading it fails, so the extraction reports it
+    with the reason (``<store>.skipped.json``, ``results.json``'s ``skipped``) like any unreadable image, instead
+    of it vanishing from the dataset.
+    """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    out: list[Path] = []
+    seen: set[str] = set()
+    for d, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(d)
+        if real in seen:  # a link back to a folder already read (a loop, or two links to one folder)
+            warnings.warn(f"{d}: links to {real}, already listed; read once", stacklevel=2)
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        out.extend(Path(d) / f for f in files if Path(f).suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(out)

@@ -150,8 +150,10 @@ def _load_mat(path: Path) -> dict[str, Any]:
         raw = scipy.io.loadmat(str(path))
     except NotImplementedError:
         raise GroundTruthError(f"{path}: MATLAB v7.3 (HDF5) files are not supported; save it with -v7") from None
-    except (ValueError, OSError, TypeError) as e:
-        raise GroundTruthError(f"{path}: not a readable .mat file ({type(e).__name__}: {e})") from None
+    except (ValueError, OSError, TypeError, IndexError, KeyError, scipy.io.matlab.MatReadError) as e:
+        # an empty or text file: scipy raises MatReadError, IndexError, ... depending on the bytes
+        raise GroundTruthError(f"{path}: not a readable .mat file ({type(e).__name__}: {e}); give revisitop's "
+                               f"gnd_<name>.mat (or .pkl)") from None
     out: dict[str, Any] = {}
     for key in ("imlist", "qimlist"):
         if key in raw:

@@ -63,14 +63,24 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
             ck = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        found = sorted(set(re.findall(r"(?:GLOBAL|global) ([\w.]+)", str(e)))) or ["(unknown objects)"]
+        found = sorted(set(re.findall(r"(?:GLOBAL|global) ([\w.]+)", str(e))))
+        if not found:  # not refused objects: bytes that are no pickle at all (a text file, a partial download)
+            raise CheckpointError(f"model.checkpoint: {path} is not a readable torch checkpoint "
+                                  f"({str(e).strip().splitlines()[0] if str(e).strip() else 'UnpicklingError'}); "
+                                  "give the checkpoint file written by training or the download") from None
         raise CheckpointError(
             f"{path}: holds pickled objects besides tensors ({', '.join(found)}), refused because unpickling them "
             "would run code; re-save the tensors alone, e.g. torch.save({'model_state': ck['model_state']}, ...) "
             "in a session where you trust the file"
         ) from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # a truncated, empty or text file makes the (safe) unpickler raise anything
+        if path.stat().st_size == 0:
+            raise CheckpointError(f"model.checkpoint: {path} is empty (an interrupted download or copy?); "
+                                  "give the checkpoint file written by training or the download") from None
+        lines = str(e).strip().splitlines()
+        why = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+        raise CheckpointError(f"model.checkpoint: {path} is not a readable torch checkpoint ({why}); give the "
+                              "checkpoint file written by training or the download") from None
     if not isinstance(ck, Mapping):
         raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(ck).__name__}")
     return dict(ck)
