@@ -102,8 +102,12 @@ def main(conf: Config) -> Path:
         return search_photo(conf, Path(conf.query))
     from delg import search
     from loftr_tools.base import VerifierUnavailable
+    from loftr_tools.registry import verifier_settings
     from loftr_tools.rerank import open_reranker
 
+    # Each verifier's resolved settings (long_side, RANSAC model/threshold/trials/min_inliers): checked before any
+    # work, recorded in results.json (protocol.verifiers), completed with weight digests / stores when it runs.
+    verifier_protocol = {m: verifier_settings(m, conf) for m in conf.rerank.methods}
     out_dir = Path(conf.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dump_config(conf, out_dir / "config.yaml")
@@ -143,6 +147,7 @@ def main(conf: Config) -> Path:
             verifier_skips.append({"method": method, "reason": str(e)})
             continue
         rerankers.append(rr)
+        verifier_protocol[method] = {**verifier_protocol[method], **rr.settings(), "method": method}
         new_ranks, inliers = rr.rerank(dataset, ranks[:, keep], scores[:, keep], int(rc.top_k),
                                        bool(rc.junk_before_rerank), query_ids=keep)
         for key, img_err in rr.stats.failed_images.items():
@@ -175,6 +180,7 @@ def main(conf: Config) -> Path:
             "checkpoint": conf.model.checkpoint,
             "backbone": conf.model.backbone,
             "notes": dataset.notes,
+            "verifiers": verifier_protocol,
         },
         "methods": results,
         "complete": complete,

@@ -57,6 +57,12 @@ def build_verifier(
         ConfigError: unknown method (the message lists the valid ones).
         VerifierUnavailable: the verifier cannot run here (weights, untrained head); the message says what to do.
     """
+    cls, sub = _resolve(method, conf)
+    return cls(sub, device=resolve_device(device), **ctx)
+
+
+def _resolve(method: str, conf: Mapping[str, Any] | None) -> tuple[type[Verifier], dict[str, Any]]:
+    """The verifier class of ``method`` and the section it is given (see :func:`build_verifier`)."""
     section = verifier_section(method)
     module, cls_name, _ = VERIFIERS[method]
     sub: dict[str, Any] = {}
@@ -69,4 +75,32 @@ def build_verifier(
     # The top-level mixed_precision switch can turn it off for every verifier.
     if conf is not None and "mixed_precision" in conf and "mixed_precision" in cls.default_conf:
         sub["mixed_precision"] = bool(conf["mixed_precision"]) and bool(sub.get("mixed_precision", True))
-    return cls(sub, device=resolve_device(device), **ctx)
+    return cls, sub
+
+
+def verifier_settings(method: str, conf: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The resolved settings of ``method`` as its verifier will run (for results.json; builds nothing):
+    ``{'method', 'section', 'settings': {long_side, ...}, 'ransac': {model, threshold, max_iters, confidence,
+    seed, min_inliers}}``. Validates the RANSAC settings, so a bad value fails before any work.
+
+    Raises:
+        ConfigError: unknown method or invalid ``<section>.ransac`` value.
+    """
+    from loftr_tools.ransac import RansacConf
+
+    cls, sub = _resolve(method, conf)
+    merged = {**cls.default_conf, **sub}
+    ransac = merged.pop("ransac", None)
+    try:
+        rc = RansacConf.from_conf(ransac)
+    except ConfigError as e:
+        raise ConfigError(f"{verifier_section(method)}.{e}") from None
+    return {"method": method, "section": verifier_section(method), "settings": _plain(merged), "ransac": rc.to_dict()}
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, Mapping):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
