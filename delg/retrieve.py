@@ -245,7 +245,8 @@ def search_photo(conf: Config, photo: Path) -> Path:
         counts = rr.score_pairs({qref: [drefs[int(i)] for i in ids[:top_k]]})
         rr.close()
         for r in range(top_k):
-            inl[r] = counts[(qref.key, drefs[int(ids[r])].key)]
+            n = counts[(qref.key, drefs[int(ids[r])].key)]
+            inl[r] = n if n >= rr.min_inliers else 0  # the verifier's ransac.min_inliers, as in reranking
         order = sorted(range(top_k), key=lambda r: (-inl[r], -scores[r])) + list(range(top_k, len(ids)))
         used = method
         break

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from delg.config import ConfigError
+from delg.config import ConfigError, default_schema
 from loftr_tools.base import Verifier
 
 # method key -> (module, class, config section)
@@ -65,12 +65,18 @@ def _resolve(method: str, conf: Mapping[str, Any] | None) -> tuple[type[Verifier
     """The verifier class of ``method`` and the section it is given (see :func:`build_verifier`)."""
     section = verifier_section(method)
     module, cls_name, _ = VERIFIERS[method]
-    sub: dict[str, Any] = {}
+    given: dict[str, Any] = {}
     if conf is not None:
         if isinstance(conf.get(section), Mapping):
-            sub = dict(conf[section])
+            given = dict(conf[section])
         elif "output_dir" not in conf:  # not a run config: the section itself
-            sub = dict(conf)
+            given = dict(conf)
+    # Over the section's defaults (delg/conf/<section>.yaml, the one owner of defaults, RANSAC included), so a
+    # verifier built without a run config verifies with its own RANSAC settings too.
+    defaults = default_schema()[section]
+    sub = {**defaults, **given}
+    if isinstance(defaults.get("ransac"), Mapping) and isinstance(given.get("ransac"), Mapping):
+        sub["ransac"] = {**defaults["ransac"], **given["ransac"]}
     cls = getattr(importlib.import_module(module), cls_name)
     # The top-level mixed_precision switch can turn it off for every verifier.
     if conf is not None and "mixed_precision" in conf and "mixed_precision" in cls.default_conf:

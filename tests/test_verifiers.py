@@ -305,6 +305,12 @@ def test_registry() -> None:
         build_verifier("superglue", None, "cpu")
     v = build_verifier("sift", {"output_dir": "x", "sift": {"ratio": 0.7}}, "cpu")
     assert v.conf["ratio"] == 0.7 and v.conf["long_side"] == 1024
+    # Built without a run config, a verifier still carries its section's own RANSAC defaults (partial mappings merge).
+    from delg.config import default_schema
+
+    assert build_verifier("sift", None, "cpu").conf["ransac"] == default_schema()["sift"]["ransac"]
+    part = build_verifier("sift", {"ransac": {"threshold": 5.0}}, "cpu").conf["ransac"]
+    assert part == {**default_schema()["sift"]["ransac"], "threshold": 5.0}
     with pytest.raises(VerifierUnavailable, match="stores"):
         build_verifier("delg", None, "cpu")
 
