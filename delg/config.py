@@ -80,15 +80,21 @@ def _all_keys(d: Mapping[str, Any], prefix: str = "") -> list[str]:
 
 # Keys that moved or went away: the error says where to (or why) instead of guessing a neighbour.
 RENAMED = {"search.depth": "it is now 'ranks.depth'",
-           "model.checkpoint_trust": "removed: checkpoints are always read with torch.load(weights_only=True)"}
+           "model.checkpoint_trust": "removed: checkpoints are always read with torch.load(weights_only=True)",
+           # Each verifier has its own RANSAC (its keypoints' precision differs: DELG's sit on a stride-16 grid).
+           "ransac": "moved: each verifier has its own, '<verifier section>.ransac.*' (loftr.ransac, lightglue.ransac, "
+                     "sift.ransac, delg_local.ransac)",
+           "rerank.min_inliers": "moved: '<verifier section>.ransac.min_inliers' (e.g. lightglue.ransac.min_inliers)"}
 
 
 def _unknown(key: str, schema: Mapping[str, Any], source: str) -> ConfigError:
     """The error for ``key``, naming the nearest valid key: a close spelling when there is one, else the key whose
     last part is most alike (``zzzz`` still gets a suggestion and the place to look up the rest)."""
     keys = _all_keys(schema)
-    if key in RENAMED:
-        return ConfigError(f"{source}: unknown config key '{key}' ({RENAMED[key]})")
+    # A key under a moved section ('ransac.threshold') is reported with the section's note.
+    moved = next((k for k in (key, *(key.rsplit(".", i)[0] for i in range(1, key.count(".") + 1))) if k in RENAMED), None)
+    if moved is not None:
+        return ConfigError(f"{source}: unknown config key '{key}' ({RENAMED[moved]})")
     near = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
     if not near:  # nothing close as a whole: compare the last part only, always yielding a candidate
         last = key.rsplit(".", 1)[-1]

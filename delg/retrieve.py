@@ -110,8 +110,12 @@ def main(conf: Config) -> Path:
         return search_photo(conf, Path(conf.query))
     from delg import search
     from loftr_tools.base import VerifierUnavailable
+    from loftr_tools.registry import verifier_settings
     from loftr_tools.rerank import open_reranker
 
+    # Each verifier's resolved settings (long_side, RANSAC model/threshold/trials/min_inliers): checked before any
+    # work, recorded in results.json (protocol.verifiers), completed with weight digests / stores when it runs.
+    verifier_protocol = {m: verifier_settings(m, conf) for m in conf.rerank.methods}
     out_dir = Path(conf.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # A run that fails must not leave an older results.json that reads as its result: it becomes
@@ -155,6 +159,7 @@ def main(conf: Config) -> Path:
             verifier_skips.append({"method": method, "reason": str(e)})
             continue
         rerankers.append(rr)
+        verifier_protocol[method] = {**verifier_protocol[method], **rr.settings(), "method": method}
         new_ranks, inliers = rr.rerank(dataset, ranks[:, keep], scores[:, keep], int(rc.top_k),
                                        bool(rc.junk_before_rerank), query_ids=keep)
         for key, img_err in rr.stats.failed_images.items():
@@ -191,6 +196,7 @@ def main(conf: Config) -> Path:
             # what made the features: model conventions (input_colour, mean, std, attention_input), scales,
             # aggregation, resize, local selection; the same dict whose hash names the feature stores
             "extraction": extraction_settings(conf),
+            "verifiers": verifier_protocol,
         },
         "methods": results,
         "complete": complete,
@@ -262,7 +268,8 @@ def search_photo(conf: Config, photo: Path) -> Path:
         counts = rr.score_pairs({qref: [drefs[int(i)] for i in ids[:top_k]]})
         rr.close()
         for r in range(top_k):
-            inl[r] = counts[(qref.key, drefs[int(ids[r])].key)]
+            n = counts[(qref.key, drefs[int(ids[r])].key)]
+            inl[r] = n if n >= rr.min_inliers else 0  # the verifier's ransac.min_inliers, as in reranking
         order = sorted(range(top_k), key=lambda r: (-inl[r], -scores[r])) + list(range(top_k, len(ids)))
         used = method
         break

@@ -85,19 +85,19 @@ class Dataset(Section):
 class VerifierRansac(Section):
     """A verifier's own ``<section>.ransac`` mapping (per-verifier RANSAC, issue #10): keys as the YAML gives them."""
 
-    model: Literal["fundamental", "homography", "affine"] | None = None
-    threshold: PosFloat | None = None
-    confidence: OpenFraction | None = None
-    max_iters: PosInt | None = None
-    seed: NonNegInt | None = None
-    min_inliers: NonNegInt | None = None
+    model: Literal["fundamental", "homography", "affine"]  # == loftr_tools.ransac.MODELS (tested)
+    threshold: PosFloat
+    confidence: OpenFraction
+    max_iters: PosInt
+    seed: NonNegInt
+    min_inliers: NonNegInt
 
 
 class DelgLocal(Section):
     distance_threshold: PosFloat
     mutual: bool
     max_keypoints: PosInt
-    ransac: VerifierRansac | None = None
+    ransac: VerifierRansac
 
 
 class Extract(Section):
@@ -129,7 +129,7 @@ class LightGlue(Section):
     aliked_model: Literal["aliked-t16", "aliked-n16", "aliked-n16rot", "aliked-n32"]
     aliked_detection_threshold: Float
     aliked_nms_radius: NonNegInt
-    ransac: VerifierRansac | None = None
+    ransac: VerifierRansac
 
 
 class LoFTR(Section):
@@ -138,7 +138,7 @@ class LoFTR(Section):
     long_side: Annotated[int, Field(ge=16)]
     match_threshold: Fraction
     batch_size: PosInt | None
-    ransac: VerifierRansac | None = None
+    ransac: VerifierRansac
 
 
 class Loss(Section):
@@ -169,14 +169,6 @@ class Ranks(Section):
     depth: PosInt | Literal["all"] | None
 
 
-class Ransac(Section):
-    model: Literal["fundamental", "homography"]  # == loftr_tools.ransac.MODELS (tested)
-    threshold: PosFloat
-    confidence: OpenFraction
-    max_iters: PosInt
-    seed: NonNegInt
-
-
 class Report(Section):
     enabled: bool
     max_queries: NonNegInt
@@ -191,7 +183,6 @@ class Rerank(Section):
     junk_before_rerank: bool
     feature_cache_mb: NonNegFloat
     cache: bool
-    min_inliers: NonNegInt
     oom_retry_factors: Annotated[list[Annotated[float, Field(gt=0, le=1)]], Field(min_length=1)]
     global_ranks: Path_ | None
     query_store: Path_ | None
@@ -221,7 +212,7 @@ class Sift(Section):
     ratio: Annotated[float, Field(gt=0, le=1)]
     mutual: bool
     root_sift: bool
-    ransac: VerifierRansac | None = None
+    ransac: VerifierRansac
 
 
 class Train(Section):
@@ -260,7 +251,7 @@ class Train(Section):
 # section name (delg/conf/<name>.yaml) -> model; "" = base.yaml (top-level keys)
 SECTIONS: dict[str, type[Section]] = {
     "": Base, "dataset": Dataset, "delg_local": DelgLocal, "extract": Extract, "lightglue": LightGlue,
-    "loftr": LoFTR, "loss": Loss, "model": Model, "ranks": Ranks, "ransac": Ransac, "report": Report,
+    "loftr": LoFTR, "loss": Loss, "model": Model, "ranks": Ranks, "report": Report,
     "rerank": Rerank, "search": Search, "sift": Sift, "train": Train,
 }
 

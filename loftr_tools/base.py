@@ -72,5 +72,17 @@ class Verifier(ABC):
         return total
 
     def cache_tag(self) -> str:
-        """A short string that changes whenever the settings that change matches change (names cache files)."""
+        """A short readable string naming cache files (the full identity is :meth:`identity`)."""
         return self.name
+
+    def identity(self) -> dict[str, Any]:
+        """What the matches depend on besides the images: the method, every setting of the resolved section (the
+        RANSAC mapping excepted: the reranker adds the one it uses) and :meth:`identity_extra`. Derived from the
+        settings, not listed by hand, so a new setting joins the inlier cache's identity by itself; settings that
+        cannot change a count are in ``loftr_tools.rerank.NOT_IN_IDENTITY``."""
+        return {"method": self.name, "settings": {k: v for k, v in self.conf.items() if k != "ransac"},
+                **self.identity_extra()}
+
+    def identity_extra(self) -> dict[str, Any]:
+        """Inputs that are not settings: weight file contents, the feature stores read."""
+        return {}

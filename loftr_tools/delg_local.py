@@ -113,9 +113,17 @@ class DelgLocalVerifier(Verifier):
         return nn_match(f0["keypoints"], f0["descriptors"], f1["keypoints"], f1["descriptors"],
                         float(self.conf["distance_threshold"]), bool(self.conf["mutual"]))
 
+    def identity_extra(self) -> dict[str, Any]:
+        # The features read: each store's preset (model incl. checkpoint digest + extraction settings), settings and
+        # model meta, so that another checkpoint's (or another extraction's) store never reuses these counts.
+        out = {}
+        for which in ("query", "db"):
+            st = self._store(which)
+            out[f"{which}_store"] = {"preset": st.preset, "settings": st.settings, "model_meta": st.model_meta}
+        return out
+
     def cache_tag(self) -> str:
         c = self.conf
-        # The stores' own identity is not in the tag: a re-extraction should go to a new output_dir.
         return (f"delg-d{float(c['distance_threshold']):g}-{int(c['max_keypoints'])}kp"
                 f"{'-mutual' if c['mutual'] else ''}")
 

@@ -359,6 +359,10 @@ class LoFTRVerifier(Verifier):
                 h.update(chunk)
         return h.hexdigest()[:8]
 
+    def identity_extra(self) -> dict[str, Any]:
+        # The weights' content, not their path: another checkpoint under the same name is another matcher.
+        return {"weights_sha1": self._weights_id, "amp": bool(self.amp)}
+
     def cache_tag(self) -> str:
         """Changes with everything that changes matches: weights (content hash), sizes, threshold, precision."""
         c = self.conf

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from delg.config import ConfigError
+from delg.config import ConfigError, default_schema
 from loftr_tools.base import Verifier
 
 # method key -> (module, class, config section)
@@ -57,16 +57,56 @@ def build_verifier(
         ConfigError: unknown method (the message lists the valid ones).
         VerifierUnavailable: the verifier cannot run here (weights, untrained head); the message says what to do.
     """
+    cls, sub = _resolve(method, conf)
+    return cls(sub, device=resolve_device(device), **ctx)
+
+
+def _resolve(method: str, conf: Mapping[str, Any] | None) -> tuple[type[Verifier], dict[str, Any]]:
+    """The verifier class of ``method`` and the section it is given (see :func:`build_verifier`)."""
     section = verifier_section(method)
     module, cls_name, _ = VERIFIERS[method]
-    sub: dict[str, Any] = {}
+    given: dict[str, Any] = {}
     if conf is not None:
         if isinstance(conf.get(section), Mapping):
-            sub = dict(conf[section])
+            given = dict(conf[section])
         elif "output_dir" not in conf:  # not a run config: the section itself
-            sub = dict(conf)
+            given = dict(conf)
+    # Over the section's defaults (delg/conf/<section>.yaml, the one owner of defaults, RANSAC included), so a
+    # verifier built without a run config verifies with its own RANSAC settings too.
+    defaults = default_schema()[section]
+    sub = {**defaults, **given}
+    if isinstance(defaults.get("ransac"), Mapping) and isinstance(given.get("ransac"), Mapping):
+        sub["ransac"] = {**defaults["ransac"], **given["ransac"]}
     cls = getattr(importlib.import_module(module), cls_name)
     # The top-level mixed_precision switch can turn it off for every verifier.
     if conf is not None and "mixed_precision" in conf and "mixed_precision" in cls.default_conf:
         sub["mixed_precision"] = bool(conf["mixed_precision"]) and bool(sub.get("mixed_precision", True))
-    return cls(sub, device=resolve_device(device), **ctx)
+    return cls, sub
+
+
+def verifier_settings(method: str, conf: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The resolved settings of ``method`` as its verifier will run (for results.json; builds nothing):
+    ``{'method', 'section', 'settings': {long_side, ...}, 'ransac': {model, threshold, max_iters, confidence,
+    seed, min_inliers}}``. Validates the RANSAC settings, so a bad value fails before any work.
+
+    Raises:
+        ConfigError: unknown method or invalid ``<section>.ransac`` value.
+    """
+    from loftr_tools.ransac import RansacConf
+
+    cls, sub = _resolve(method, conf)
+    merged = {**cls.default_conf, **sub}
+    ransac = merged.pop("ransac", None)
+    try:
+        rc = RansacConf.from_conf(ransac)
+    except ConfigError as e:
+        raise ConfigError(f"{verifier_section(method)}.{e}") from None
+    return {"method": method, "section": verifier_section(method), "settings": _plain(merged), "ransac": rc.to_dict()}
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, Mapping):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x

@@ -20,7 +20,9 @@ Caching:
 * Pairs of two whole images (no crop: folder datasets, where every query is also a database image) are unordered:
   (a, b) is matched once, in the order of the images' paths, and its count also answers (b, a); an image paired
   with itself (same file, no crop) is not matched and scores :data:`IDENTICAL_INLIERS`.
-* Inliers: one SQLite file per verifier + RANSAC setting, ``<output_dir>/matches/inliers-<tag>.sqlite``, keyed by
+* Inliers: one SQLite file per verifier identity, ``<output_dir>/matches/inliers-<tag>-<hash>.sqlite``, where the hash
+  covers the method, every setting of its section, its RANSAC settings and the inputs that are not settings (LoFTR's
+  weight digest, the feature stores DELG-local reads; :func:`cache_identity`). It is keyed by
   (query key incl. crop, database key), or for an unordered pair by ``('pair:' + first path, second path)``. Each
   pair is committed as soon as it is scored, so a killed run loses at most the pair in progress, a rerun skips what
   is done, and another protocol (or ``top_k`` <= the cached one) reuses the counts without matching anything.
@@ -36,13 +38,15 @@ CLI: ``python -m loftr_tools.rerank --config configs/demo.yaml rerank.methods=[l
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
 import sqlite3
 import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +63,43 @@ from loftr_tools.resize import is_oom, run_with_oom_retry, smaller_long_side
 log = logging.getLogger(__name__)
 
 PROTOCOLS = ("easy", "medium", "hard")
+
+# The one list of settings that cannot change a cached inlier count, left out of the inlier cache's identity
+# (every other key of a verifier's section is in it, see cache_identity); dotted keys are inside the section.
+NOT_IN_IDENTITY: dict[str, str] = {
+    "batch_size": "LoFTR pairs per forward: a batch of equal-size pairs gives each pair the matches it gets alone",
+    "ransac.min_inliers": "applied to the cached raw counts when reranking, so changing it rematches nothing",
+}
+
+
+def _json_safe(x: Any) -> Any:
+    if isinstance(x, Mapping):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, (np.integer, np.floating, np.bool_)):
+        return x.item()
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def cache_identity(verifier: Verifier, ransac: RansacConf) -> dict[str, Any]:
+    """Everything a cached inlier count depends on besides the two images: :meth:`Verifier.identity` (method,
+    resolved settings, weight digest / feature stores) and the RANSAC settings, minus :data:`NOT_IN_IDENTITY`."""
+    ident = _json_safe(verifier.identity())
+    ident["ransac"] = ransac.to_dict()
+    for key in NOT_IN_IDENTITY:
+        *parents, leaf = key.split(".")
+        node = ident["ransac"] if parents == ["ransac"] else ident.get("settings", {})
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return ident
+
+
+def identity_hash(identity: Mapping[str, Any]) -> str:
+    """Short digest of :func:`cache_identity` (part of the inlier cache's file name)."""
+    return hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -297,12 +338,14 @@ class Reranker:
 
     Args:
         verifier: a built :class:`~loftr_tools.base.Verifier`.
-        ransac: the ``ransac`` config section (or :class:`~loftr_tools.ransac.RansacConf`).
+        ransac: RANSAC settings (mapping or :class:`~loftr_tools.ransac.RansacConf`); ``None`` = the verifier's own
+            (``verifier.conf['ransac']``, i.e. ``<section>.ransac``), bare :class:`RansacConf` defaults without one.
         cache_path: SQLite inlier cache file, or ``None`` for in-memory only.
         feature_cache_mb: budget of the in-memory feature cache.
         progress: show a tqdm bar (pairs/s).
         oom_retry_factors: size factors tried in turn when a pair runs out of GPU memory.
-        min_inliers: counts below this score 0 (the global similarity then decides); 0 keeps raw counts.
+        min_inliers: counts below this score 0 (the global similarity then decides); ``None`` = the RANSAC
+            settings' ``min_inliers``. The cache holds raw counts; the floor is applied when reranking.
     """
 
     def __init__(
@@ -313,26 +356,40 @@ class Reranker:
         feature_cache_mb: float = 2048,
         progress: bool = False,
         oom_retry_factors: Sequence[float] = (1.0, 0.75, 0.5),
-        min_inliers: int = 0,
+        min_inliers: int | None = None,
     ) -> None:
         self.verifier = verifier
-        self.ransac = RansacConf.from_conf(ransac)
-        self.cache = InlierCache(cache_path, tag=f"{verifier.cache_tag()}|{self.ransac.tag()}")
+        self.ransac = RansacConf.from_conf(ransac if ransac is not None else verifier.conf.get("ransac"))
+        self.min_inliers = int(self.ransac.min_inliers if min_inliers is None else min_inliers)
+        # Raw counts are cached (min_inliers applies at reranking), so the floor can change without rematching.
+        self._ransac_raw = replace(self.ransac, min_inliers=0)
+        self.identity = cache_identity(verifier, self.ransac)
+        self.cache = InlierCache(cache_path, tag=json.dumps(self.identity, sort_keys=True, default=str))
         self.features = FeatureCache(int(feature_cache_mb * 2**20), verifier.feature_nbytes)
         self.progress = progress
         self.oom_factors = tuple(oom_retry_factors) or (1.0,)
-        self.min_inliers = int(min_inliers)
         self.stats = RerankStats()
         # Inlier correspondences of pairs matched in this run, so report pictures need no second match.
         self.kept_inliers: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
         self.keep_inlier_pairs = 50_000
 
     @staticmethod
-    def default_cache_path(output_dir: str | Path, verifier: Verifier, ransac: Mapping[str, Any] | RansacConf | None) -> Path:
-        """``<output_dir>/matches/inliers-<verifier tag>-<ransac tag>.sqlite``."""
-        tag = f"{verifier.cache_tag()}-{RansacConf.from_conf(ransac).tag()}"
+    def default_cache_path(
+        output_dir: str | Path, verifier: Verifier, ransac: Mapping[str, Any] | RansacConf | None = None
+    ) -> Path:
+        """``<output_dir>/matches/inliers-<verifier tag>-<ransac tag>-<identity hash>.sqlite``; ``ransac=None`` =
+        the verifier's own (as :class:`Reranker` resolves it)."""
+        rc = RansacConf.from_conf(ransac if ransac is not None else verifier.conf.get("ransac"))
+        tag = f"{verifier.cache_tag()}-{rc.tag()}-{identity_hash(cache_identity(verifier, rc))}"
         safe = "".join(c if c.isalnum() or c in "-_.+" else "_" for c in tag)
         return Path(output_dir) / "matches" / f"inliers-{safe}.sqlite"
+
+    def settings(self) -> dict[str, Any]:
+        """This reranker's verifier settings for results.json: method, resolved section (``long_side`` etc.), the
+        RANSAC settings used and the inlier cache's identity digest."""
+        ident = _json_safe(self.verifier.identity())
+        return {"method": self.verifier.name, "settings": ident.pop("settings", {}),
+                "ransac": self.ransac.to_dict(), **ident, "cache_identity": identity_hash(self.identity)}
 
     # -- features -------------------------------------------------------------------------------------------
 
@@ -386,7 +443,7 @@ class Reranker:
 
     def _verify(self, q: ImageRef, d: ImageRef, p0: np.ndarray, p1: np.ndarray) -> tuple[int, int]:
         """RANSAC on a pair's matches: ``(inliers, matches)``; the inlier points are kept for report pictures."""
-        mask, n = ransac_inliers(p0, p1, conf=self.ransac)
+        mask, n = ransac_inliers(p0, p1, conf=self._ransac_raw)
         if len(self.kept_inliers) < self.keep_inlier_pairs:
             m = np.asarray(mask, bool).reshape(-1)
             self.kept_inliers[(self._feature_key(q), self._feature_key(d))] = (np.asarray(p0)[m], np.asarray(p1)[m])
@@ -582,7 +639,7 @@ class Reranker:
         if f0 is None or f1 is None:
             return None
         p0, p1 = self.verifier.match(f0, f1)
-        mask, _ = ransac_inliers(p0, p1, conf=self.ransac)
+        mask, _ = ransac_inliers(p0, p1, conf=self._ransac_raw)
         mask = np.asarray(mask, bool).reshape(-1)
         if mask.size != len(p0):
             return np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32)
@@ -606,7 +663,7 @@ def rerank(
     ransac: Mapping[str, Any] | RansacConf | None = None,
     feature_cache_mb: float = 2048,
     progress: bool = False,
-    min_inliers: int = 0,
+    min_inliers: int | None = None,
     stats: RerankStats | None = None,
 ) -> tuple[np.ndarray | dict[str, np.ndarray], np.ndarray | dict[str, np.ndarray]]:
     """One-call version of :meth:`Reranker.rerank` (see there); ``stats``, if given, receives the run's counts."""
@@ -644,12 +701,12 @@ def open_reranker(conf: Any, dataset: Any, method: str) -> Reranker:
         # Distractors have globals only; their local features are extracted when first verified.
         ctx["on_demand"] = distractor_locals(conf, dataset)
     verifier = build_verifier(method, conf, conf.device, **ctx)
-    cache = Reranker.default_cache_path(conf.output_dir, verifier, conf.ransac) if rc.cache else None
+    # RANSAC settings: the verifier's own section (<section>.ransac), carried in verifier.conf.
+    cache = Reranker.default_cache_path(conf.output_dir, verifier) if rc.cache else None
     if cache is not None and conf.get("overwrite", False):  # overwrite=true verifies every pair again
         for extra in ("", "-wal", "-shm"):
             cache.with_name(cache.name + extra).unlink(missing_ok=True)
-    return Reranker(verifier, conf.ransac, cache, rc.feature_cache_mb, bool(conf.progress),
-                    rc.oom_retry_factors, rc.min_inliers)
+    return Reranker(verifier, None, cache, rc.feature_cache_mb, bool(conf.progress), rc.oom_retry_factors)
 
 
 class GlobalRanksError(ProjectError, ValueError):

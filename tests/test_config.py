@@ -112,8 +112,11 @@ def test_paper_retrieval_configs_follow_the_protocol(path: Path) -> None:
     assert c.dataset.name == path.name.split("_")[0]
     assert c.extract.scales == [0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0] and c.extract.max_size == 1024
     assert c.extract.global_scales == [0.7071, 1.0, 1.4142] and c.extract.max_keypoints == 1000
-    assert c.rerank.top_k == 100 and {"loftr", "lightglue"} <= set(c.rerank.methods) and c.loftr.long_side == 640
+    assert c.rerank.top_k == 100 and {"loftr", "lightglue"} <= set(c.rerank.methods) and c.loftr.long_side == 840
     assert c.rerank.junk_before_rerank is True
+    # DELG's own local verification: affine RANSAC, 20 px, 1000 trials (its keypoints sit on a stride-16 grid)
+    assert dict(c.delg_local.ransac) | {"confidence": 0, "seed": 0} == {
+        "model": "affine", "threshold": 20.0, "max_iters": 1000, "confidence": 0, "seed": 0, "min_inliers": 0}
     assert ("_r1m" in path.name) == bool(c.dataset.distractors)
     # exact search over the whole database, as revisitop evaluates (a cut at 1000 rows lowered mAP; IVF-PQ is
     # approximate), with and without the 1M distractors
@@ -146,3 +149,16 @@ def test_readme_commands_exist() -> None:
     makefile = (REPO / "Makefile").read_text()
     for t in targets:
         assert re.search(rf"^{t}:", makefile, flags=re.M), f"make {t}"
+
+
+def test_ransac_settings_belong_to_each_verifier() -> None:
+    """The shared top-level ransac section and rerank.min_inliers moved into each verifier's section: the old keys
+    say where to, the nested new ones are validated like any key."""
+    for old in ("ransac.threshold=3", "ransac.model=homography", "rerank.min_inliers=5"):
+        with pytest.raises(ConfigError, match=r"<verifier section>\.ransac\."):
+            load_config("configs/demo.yaml", [old])
+    c = load_config("configs/demo.yaml", ["delg_local.ransac.threshold=25", "lightglue.ransac.min_inliers=8"])
+    assert c.delg_local.ransac.threshold == 25 and c.lightglue.ransac.min_inliers == 8
+    assert c.sift.ransac.min_inliers == 0  # sections are independent
+    with pytest.raises(ConfigError, match="nearest valid key: 'delg_local.ransac.threshold'"):
+        load_config(None, ["delg_local.ransac.thresh=25"])

@@ -50,6 +50,14 @@ def test_results_json_layout(tiny_run: Path) -> None:
     skipped = {s["method"]: s["reason"] for s in res["skipped_methods"]}
     assert "nowhere/outdoor_ds.ckpt" in skipped["loftr"]
     assert "untrained" in skipped["delg"]
+    # Each verifier's resolved settings, its own RANSAC included, skipped ones too (what they would have run with).
+    ver = res["protocol"]["verifiers"]
+    assert set(ver) == {"sift", "loftr", "delg"}
+    defaults = load_config(None)
+    assert ver["sift"]["settings"]["long_side"] == 320 and ver["sift"]["ransac"] == dict(defaults.sift.ransac)
+    assert ver["sift"]["cache_identity"]  # it ran: the inlier cache's identity digest is recorded
+    assert ver["delg"]["ransac"] == dict(defaults.delg_local.ransac) and ver["delg"]["ransac"]["model"] == "affine"
+    assert ver["loftr"]["settings"]["long_side"] == defaults.loftr.long_side
     for m in res["methods"].values():
         for p in ("E", "M", "H"):
             assert set(m[p]) == {"mAP", "mP@1", "mP@5", "mP@10"} and 0 <= m[p]["mAP"] <= 100

@@ -276,7 +276,7 @@ def test_main_writes_reranked_ranks(tmp_path: Path) -> None:
     np.save(tmp_path / "g.npy", np.array([[1], [0]]))  # a given global ranking: the unrelated image c first
     np.save(tmp_path / "g_scores.npy", np.array([[0.9], [0.8]]))
     conf = load_config(None, [f"output_dir={out}", "rerank.methods=[sift]", "rerank.top_k=2", "progress=false",
-                              "sift.long_side=160", "ransac.model=homography", "device=cpu",
+                              "sift.long_side=160", "sift.ransac.model=homography", "device=cpu",
                               f"rerank.global_ranks={tmp_path / 'g.npy'}"])
     written = main(conf, dataset=ds)
     z = np.load(written)
@@ -315,3 +315,112 @@ def test_image_both_query_and_db_is_prepared_once() -> None:
     assert inl[:, 0].tolist() == [IDENTICAL_INLIERS, 9, 0]
     # the query's file is prepared once although it is matched against d1 and d2 (as first or second image)
     assert sorted(v.prepare_calls) == ["db/d1", "db/d2", "query/q0"] and v.match_calls == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# per-verifier RANSAC settings and the inlier cache's identity
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_each_verifier_s_ransac_settings_reach_ransac_inliers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``<section>.ransac`` of the run config is what the reranker hands to ransac_inliers (and its min_inliers
+    floors the counts), for each verifier separately."""
+    import loftr_tools.rerank as rr_mod
+    from delg.config import load_config
+    from loftr_tools.ransac import RansacConf
+    from loftr_tools.ransac import ransac_inliers as real
+
+    seen: list[RansacConf] = []
+
+    def spy(p0: np.ndarray, p1: np.ndarray, conf: Any = None, **kw: Any) -> tuple[np.ndarray, int]:
+        seen.append(RansacConf.from_conf(conf))
+        return real(p0, p1, conf=conf, **kw)
+
+    monkeypatch.setattr(rr_mod, "ransac_inliers", spy)
+    conf = load_config(None, ["sift.ransac.model=affine", "sift.ransac.threshold=12", "sift.ransac.max_iters=500",
+                              "sift.ransac.min_inliers=11", "device=cpu", "rerank.cache=false"])
+    rr = rr_mod.open_reranker(conf, _dataset(2, 6), "sift")
+    assert rr.ransac == RansacConf(model="affine", threshold=12.0, max_iters=500, min_inliers=11)
+    rr.close()
+    # A verifier carrying its section's RANSAC mapping is scored with it (no ransac= given to the reranker); raw
+    # counts are cached and the section's min_inliers floors them when reranking.
+    v = TableVerifier(TABLE)
+    v.conf["ransac"] = conf.sift.ransac
+    _, inl = rerank(_dataset(2, 6), RANKS, SCORES, v, top_k=4)
+    assert seen and all((c.model, c.threshold, c.max_iters) == ("affine", 12.0, 500) for c in seen)
+    assert inl[:, 0].tolist() == [50, 50, 0, 0]  # q0: d0's 5 inliers fall under min_inliers=11, d2 has none
+    # Another verifier's section is untouched: DELG-local keeps DELG's affine 20 px / 1000 trials.
+    assert dict(conf.delg_local.ransac)["threshold"] == 20.0 and conf.lightglue.ransac != conf.sift.ransac
+
+
+def _identity_path(cls: type, conf: dict[str, Any], tmp: Path) -> Path:
+    """The inlier-cache file of a verifier of class ``cls`` with section ``conf`` (constructed without loading
+    weights or stores: the identity derives from its resolved settings)."""
+    v = cls.__new__(cls)
+    v.conf = {**cls.default_conf, **conf}
+    return Reranker.default_cache_path(tmp, v)
+
+
+def _changed(value: Any) -> Any:
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value * 2 + 1 if value != -1 else 1
+    if isinstance(value, str):
+        return value + "x"
+    if isinstance(value, list):
+        return [*value, 1]
+    return 1  # None
+
+
+@pytest.mark.parametrize("method", ["sift", "lightglue", "lightglue_aliked", "loftr", "delg"])
+def test_every_setting_of_a_verifier_section_is_in_its_cache_identity(
+    method: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Changing any one key of the verifier's section (its RANSAC mapping included) changes the inlier cache, except
+    the keys of NOT_IN_IDENTITY, which cannot change a cached count."""
+    import importlib
+
+    from delg.config import default_schema
+    from loftr_tools.registry import VERIFIERS
+    from loftr_tools.rerank import NOT_IN_IDENTITY
+
+    module, cls_name, section = VERIFIERS[method]
+    cls = getattr(importlib.import_module(module), cls_name)
+    monkeypatch.setattr(cls, "identity_extra", lambda self: {})  # weights / stores: tested on their own
+    monkeypatch.setattr(cls, "cache_tag", lambda self: "same")  # the identity alone must tell settings apart
+    base = default_schema()[section]
+    assert isinstance(base.get("ransac"), dict)  # every verifier has its own RANSAC settings
+    ref = _identity_path(cls, base, tmp_path)
+    keys = [(k, None) for k in base if k != "ransac"] + [("ransac", k) for k in base["ransac"]]
+    for key, sub in keys:
+        conf = {**base, "ransac": dict(base["ransac"])}
+        if sub is None:
+            conf[key] = _changed(conf[key])
+        else:
+            # a value the RANSAC validation accepts
+            conf["ransac"][sub] = {"model": "homography" if base["ransac"]["model"] != "homography" else "affine",
+                                   "confidence": 0.9}.get(sub, _changed(base["ransac"][sub]))
+        dotted = key if sub is None else f"ransac.{sub}"
+        same = _identity_path(cls, conf, tmp_path) == ref
+        assert same == (dotted in NOT_IN_IDENTITY), f"{section}.{dotted}"
+
+
+def test_delg_local_cache_identity_follows_the_feature_stores(tmp_path: Path) -> None:
+    """Another checkpoint's features (another store preset) never reuse the DELG-local inlier counts."""
+    from delg.store import FeatureStore
+    from loftr_tools.delg_local import DelgLocalVerifier
+
+    paths = []
+    for preset in ("feats-resnet50-ckptaaaaaa-s7-1024-11111111", "feats-resnet50-ckptbbbbbb-s7-1024-22222222"):
+        p = tmp_path / preset / "store.h5"
+        p.parent.mkdir()
+        with FeatureStore(p, "a", preset=preset, split="db") as st:
+            st.set_model_meta({"trained_local": True})
+        paths.append(p)
+    caches = []
+    for p in paths:
+        v = DelgLocalVerifier(stores={"query": p, "db": p})
+        caches.append(Reranker.default_cache_path(tmp_path / "out", v))
+        v.close()
+    assert caches[0] != caches[1]

@@ -96,10 +96,59 @@ def test_ransac_deterministic_and_conf() -> None:
     a = ransac_inliers(p0, p1, conf=conf)[0]
     b = ransac_inliers(p0, p1, conf=RansacConf.from_conf(conf))[0]
     assert np.array_equal(a, b)
-    with pytest.raises(ValueError, match="ransac.model"):
-        RansacConf(model="affine")
+    with pytest.raises(ConfigError, match="ransac.model"):
+        RansacConf(model="similarity")
+    with pytest.raises(ConfigError, match="ransac.thresh"):  # a typo is an error, never a silent default
+        RansacConf.from_conf({"thresh": 3})
+    with pytest.raises(ConfigError, match="ransac.min_inliers"):
+        RansacConf(min_inliers=-1)
     with pytest.raises(ValueError, match="differ in shape"):
         ransac_inliers(p0, p1[:-1])
+
+
+def _grid_quantised_pair(rng: np.random.Generator, n_true: int, n_random: int) -> tuple[np.ndarray, np.ndarray]:
+    """DELG-like matches: ``n_true`` correspondences under a similarity (scale 0.8, 15 deg, shift) whose positions
+    are snapped to a stride-16 feature grid on both sides (+-8 px), plus ``n_random`` random pairs."""
+    a = np.deg2rad(15)
+    A = 0.8 * np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    x0 = rng.uniform(0, 1024, size=(n_true, 2))
+    x1 = x0 @ A.T + [120.0, -40.0]
+
+    def snap(x: np.ndarray) -> np.ndarray:
+        return np.floor(x / 16) * 16 + 8  # the receptive-field centre of the grid cell
+
+    r0, r1 = rng.uniform(0, 1024, size=(n_random, 2)), rng.uniform(0, 1024, size=(n_random, 2))
+    return np.r_[snap(x0), r0], np.r_[snap(x1), r1]
+
+
+def test_delg_local_default_ransac_keeps_grid_quantised_matches() -> None:
+    """DELG-local's own default (DELG's affine, 20 px, 1000 trials) keeps most true matches of stride-16 keypoints
+    and separates a true pair from a random one; the old shared fundamental 1 px setting keeps few of them."""
+    from delg.config import default_schema
+
+    default = RansacConf.from_conf(default_schema()["delg_local"]["ransac"])
+    old = RansacConf(model="fundamental", threshold=1.0, max_iters=10000)
+    rng = np.random.default_rng(0)
+    pos0, pos1 = _grid_quantised_pair(rng, 150, 150)
+    neg0, neg1 = _grid_quantised_pair(rng, 0, 300)
+    mask, n_pos = ransac_inliers(pos0, pos1, conf=default)
+    n_neg = ransac_inliers(neg0, neg1, conf=default)[1]
+    assert mask[:150].sum() >= 120 and n_pos >= 120  # most of the 150 true matches
+    assert n_neg <= 15 and n_pos >= 8 * max(n_neg, 1)  # a random pair stays low: clear separation
+    old_pos, old_neg = ransac_inliers(pos0, pos1, conf=old)[1], ransac_inliers(neg0, neg1, conf=old)[1]
+    assert old_pos < 75 and old_pos < 4 * max(old_neg, 1)  # the old setting: few inliers, weak separation
+
+
+def test_ransac_affine_and_min_inliers() -> None:
+    rng = np.random.default_rng(3)
+    p0 = rng.uniform(0, 500, size=(40, 2))
+    p1 = p0 @ np.array([[1.1, 0.2], [-0.1, 0.9]]).T + [5.0, 9.0]
+    assert ransac_inliers(p0, p1, model="affine", threshold=1.0)[1] == 40
+    assert ransac_inliers(p0[:3], p1[:3], model="affine", threshold=1.0)[1] == 3  # minimal sample: 3 matches
+    assert ransac_inliers(p0[:2], p1[:2], model="affine")[1] == 0
+    mask, n = ransac_inliers(p0[:10], p1[:10], model="affine", threshold=1.0, min_inliers=11)
+    assert n == 0 and not mask.any()  # below the floor: no match at all
+    assert ransac_inliers(p0[:10], p1[:10], conf={"model": "affine", "min_inliers": 10})[1] == 10
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -256,6 +305,12 @@ def test_registry() -> None:
         build_verifier("superglue", None, "cpu")
     v = build_verifier("sift", {"output_dir": "x", "sift": {"ratio": 0.7}}, "cpu")
     assert v.conf["ratio"] == 0.7 and v.conf["long_side"] == 1024
+    # Built without a run config, a verifier still carries its section's own RANSAC defaults (partial mappings merge).
+    from delg.config import default_schema
+
+    assert build_verifier("sift", None, "cpu").conf["ransac"] == default_schema()["sift"]["ransac"]
+    part = build_verifier("sift", {"ransac": {"threshold": 5.0}}, "cpu").conf["ransac"]
+    assert part == {**default_schema()["sift"]["ransac"], "threshold": 5.0}
     with pytest.raises(VerifierUnavailable, match="stores"):
         build_verifier("delg", None, "cpu")
 
