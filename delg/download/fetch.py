@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 from urllib.error import HTTPError
 from urllib.request import Request, urlopen
 
@@ -72,6 +73,9 @@ def parse_md5(text: str, source: str) -> str:
     return m.group(1).lower()
 
 
+T = TypeVar("T")
+
+
 @dataclass
 class Fetcher:
     """HTTP GET with timeouts, retries with exponential backoff, ``.part`` files and ``Range`` resume.
@@ -99,40 +103,16 @@ class Fetcher:
         if self.stop.is_set():
             raise Cancelled
 
-    def read_text(self, url: str) -> str:
-        """A small file (md5 sums, lists) as text."""
-        last = "no attempt"
-        for attempt in range(1, self.retries + 1):
-            try:
-                with urlopen(self._request(url), timeout=self.timeout) as resp:
-                    return resp.read().decode("utf-8", "replace")
-            except HTTPError as e:
-                if e.code in PERMANENT_HTTP:
-                    raise DownloadError(f"{url}: {_describe(e)}") from None
-                last = _describe(e)
-            except TRANSIENT as e:
-                last = _describe(e)
-            self._wait(attempt)
-        raise DownloadError(f"{url}: {last} (after {self.retries} attempts)")
+    def _retrying(self, url: str, attempt_once: Callable[[], T]) -> T:
+        """``attempt_once()`` until it returns, at most ``retries`` times: the one retry policy.
 
-    def fetch(self, url: str, dest: Path, verify: Callable[[Path], str | None] | None = None) -> Path:
-        """Download ``url`` to ``dest`` through ``dest.part``; ``verify(part)`` returns a problem or None.
-
-        A ``.part`` left by an earlier run is resumed.  A file that fails ``verify`` is deleted and fetched again
-        from scratch (never resumed).  Raises :class:`DownloadError` when all attempts fail.
+        Permanent HTTP errors stop at once; transient ones and :class:`_Corrupt` wait (backoff) and try again.
+        Raises :class:`DownloadError` naming the URL and the last reason.
         """
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        part = _part(dest)
         last = "no attempt"
         for attempt in range(1, self.retries + 1):
             try:
-                self._fetch_once(url, part, dest.name)
-                problem = verify(part) if verify is not None else None
-                if problem:
-                    part.unlink(missing_ok=True)
-                    raise _Corrupt(problem)
-                os.replace(part, dest)
-                return dest
+                return attempt_once()
             except HTTPError as e:
                 if e.code in PERMANENT_HTTP:
                     raise DownloadError(f"{url}: {_describe(e)}") from None
@@ -143,6 +123,35 @@ class Fetcher:
                 last = _describe(e)
             self._wait(attempt)
         raise DownloadError(f"{url}: {last} (after {self.retries} attempts)")
+
+    def read_text(self, url: str) -> str:
+        """A small file (md5 sums, lists) as text."""
+
+        def once() -> str:
+            with urlopen(self._request(url), timeout=self.timeout) as resp:
+                return resp.read().decode("utf-8", "replace")
+
+        return self._retrying(url, once)
+
+    def fetch(self, url: str, dest: Path, verify: Callable[[Path], str | None] | None = None) -> Path:
+        """Download ``url`` to ``dest`` through ``dest.part``; ``verify(part)`` returns a problem or None.
+
+        A ``.part`` left by an earlier run is resumed.  A file that fails ``verify`` is deleted and fetched again
+        from scratch (never resumed).  Raises :class:`DownloadError` when all attempts fail.
+        """
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        part = _part(dest)
+
+        def once() -> Path:
+            self._fetch_once(url, part, dest.name)
+            problem = verify(part) if verify is not None else None
+            if problem:
+                part.unlink(missing_ok=True)
+                raise _Corrupt(problem)
+            os.replace(part, dest)  # not an atomic write of ours: the verified .part becomes the file
+            return dest
+
+        return self._retrying(url, once)
 
     def _fetch_once(self, url: str, part: Path, label: str) -> None:
         offset = part.stat().st_size if part.exists() else 0

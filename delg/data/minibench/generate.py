@@ -120,6 +120,18 @@ def _photo_scene(key: str, photo: tuple[str, Path], size: tuple[int, int], long_
     return Scene(key, img, [box], [photo[0]], 0.9 * long_side / max(w, h / 0.75))
 
 
+def _negative_views(scene: Scene, n: int, first_tier: str, stream: tuple[str, int], prefix: str,
+                    long_side: int) -> list[dict[str, Any]]:
+    """``n`` database views of a scene that is no landmark (a confuser or a distractor): ``first_tier``, then
+    random views; view ``k`` draws from the stream ``(*stream, k)`` and is named ``<prefix>_v<k>``."""
+    views = []
+    for vi in range(n):
+        v = _make_view(scene, first_tier if vi == 0 else "random", _rng(*stream, vi), long_side, scene.focus[:2])
+        v.update(name=f"{prefix}_v{vi:02d}", landmark=None, scene=scene)
+        views.append(v)
+    return views
+
+
 def _iter_build(out: Path, preset_name: str) -> Iterator[str]:
     """Write the whole benchmark into ``out`` (an empty folder); yields a label per step for the progress bar."""
     preset = PRESETS[preset_name]
@@ -148,22 +160,16 @@ def _iter_build(out: Path, preset_name: str) -> Iterator[str]:
         conf_scene = _facade_scene(f"{lm['key']}_confuser", style, ("confuser", li), preset.canvas,
                                    preset.long_side, None, f"confuser:{li}")
         test_sources.update(conf_scene.sources)
-        for vi in range(preset.n_confuser_views):
-            tier = "easyc" if vi == 0 else "random"
-            v = _make_view(conf_scene, tier, _rng("confuser-view", li, vi), preset.long_side, conf_scene.focus[:2])
-            v.update(name=f"confuser{li:02d}_v{vi:02d}", landmark=None, scene=conf_scene)
-            db_entries.append(v)
+        db_entries += _negative_views(conf_scene, preset.n_confuser_views, "easyc", ("confuser-view", li),
+                                      f"confuser{li:02d}", preset.long_side)
         yield f"landmark {lm['key']}"
     for di, dis in enumerate(plan["distractors"]):
         style = facade_style(_rng("style", *dis["style_seed"]))
         scene = _facade_scene(dis["key"], style, ("distractor", di), preset.canvas, preset.long_side, dis["mural"],
                               f"distractor:{di}")
         test_sources.update(scene.sources)
-        for vi in range(preset.views_per_distractor):
-            tier = "easy0" if vi == 0 else "random"
-            v = _make_view(scene, tier, _rng("distractor-view", di, vi), preset.long_side, scene.focus[:2])
-            v.update(name=f"{dis['key']}_v{vi:02d}", landmark=None, scene=scene)
-            db_entries.append(v)
+        db_entries += _negative_views(scene, preset.views_per_distractor, "easy0", ("distractor-view", di),
+                                      dis["key"], preset.long_side)
         yield f"distractor {dis['key']}"
 
     # database order: a fixed shuffle, so that views of one landmark are not contiguous (rank ties)
