@@ -6,7 +6,7 @@
 #   GLDV2_DIR=/big/disk/landmark bash download_dataset.sh 500 0 0 --keep-tars
 #
 # Env: GLDV2_BASE_URL (server root, default https://s3.amazonaws.com/google-landmark), GLDV2_DIR (output folder).
-# All options: bash download_dataset.sh --help.  The logic is in delg/download.py (python -m delg.download gldv2).
+# All options: bash download_dataset.sh --help.  The logic is in delg/download/ (recipe: gldv2.py; python -m delg.download gldv2).
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PY="$REPO/.venv/bin/python"

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from delg.errors import ConfigError, ProjectError, report_error
+from delg.io import atomic_write_text
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -230,9 +231,7 @@ def dump_config(conf: Mapping[str, Any], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = conf.to_dict() if isinstance(conf, Config) else dict(conf)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: sharded ranks write the same file
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-    tmp.replace(path)
+    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))  # per-process temp: sharded ranks write it too
     return path
 
 

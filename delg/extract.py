@@ -58,6 +58,7 @@ from tqdm import tqdm
 from delg.config import Config, ConfigError, dump_config, run_stage
 from delg.data.images import ImageReadError, load_pil, resize_max_side
 from delg.errors import ProjectError
+from delg.io import atomic_write_json
 from delg.store import FeatureStore, StoreError, StoreUnion
 
 SCALE_TOL = 1e-6
@@ -647,9 +648,7 @@ def split_items(dataset: Any, split: str, conf: Config) -> list[Item]:
 
 # ---------------------------------------------------------------------------------------------- reports
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write_json(path, data, indent=1, sort_keys=True)
 
 
 def read_skipped(path: Path) -> dict[str, dict[str, str]]:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import tempfile
@@ -39,6 +38,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from delg.io import atomic_write_json
 
 KORNIA_STAGES = ("loftr", "lightglue")
 KORNIA_FIX = "run `make gpu-wheels` where PyPI is reachable and carry .gpu_wheels (scripts/gpu_check.sh installs it)"
@@ -81,16 +82,7 @@ def module_version(name: str) -> tuple[str | None, str | None]:
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_json(path, data, mkdir=True, newline=True, indent=1)
 
 
 def synthetic_images(n: int, size: tuple[int, int], seed: int = 0) -> list[np.ndarray]:

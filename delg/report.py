@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw
 
 from delg.data.dataset import RetrievalDataset
 from delg.data.images import ImageReadError, load_pil
+from delg.io import atomic_write_text
 from loftr_tools.base import IDENTICAL_INLIERS
 
 COLOURS = {"easy": "#1a9850", "hard": "#91cf60", "junk": "#969696", "neg": "#d73027"}
@@ -189,7 +190,5 @@ img.matches{{margin-right:6px}}
 {"".join(sections)}
 </body></html>"""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".html.tmp")
-    tmp.write_text(page)
-    tmp.replace(out)
+    atomic_write_text(out, page)
     return out

@@ -28,6 +28,7 @@ from delg.data.dataset import RetrievalDataset, load_dataset
 from delg.data.revisitop import GroundTruth
 from delg.evaluate import evaluate, format_table
 from delg.extract import extraction_settings
+from delg.io import atomic_path, atomic_write_json
 
 log = logging.getLogger("delg.retrieve")
 
@@ -96,9 +97,8 @@ def _save_ranks(path: Path, ranks: np.ndarray | dict[str, np.ndarray], **extra: 
         else:
             arrays[key] = val
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        np.savez_compressed(tmp, **arrays)
 
 
 def main(conf: Config) -> Path:
@@ -211,9 +211,7 @@ def main(conf: Config) -> Path:
         print(f"\nrun INCOMPLETE: {len(missing_db)} database and {len(missing_q)} query image(s) skipped "
               f"(listed in results.json)")
     res_path = out_dir / "results.json"
-    tmp = res_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    tmp.replace(res_path)
+    atomic_write_json(res_path, payload, indent=1)
 
     if conf.report.enabled:
         from delg.report import write_report

@@ -57,6 +57,7 @@ from delg.extract import (
     store_path,
     stores_complete,
 )
+from delg.io import atomic_path
 from delg.store import FeatureStore, StoreUnion
 
 INDEX_KINDS = ("flat", "ivfpq")
@@ -555,9 +556,8 @@ def get_index(conf: Config, dataset: Any) -> DatabaseIndex:
             for old in path.parent.glob(f"{db_path.stem}.{conf.search.index}-*.faiss"):
                 if ".damaged-" not in old.name:  # a moved-aside file stays for inspection
                     old.unlink()  # indexes of an older database store or other settings
-            tmp = path.with_name(path.name + ".tmp")
-            faiss.write_index(cpu, str(tmp))
-            tmp.replace(path)
+            with atomic_path(path) as tmp:
+                faiss.write_index(cpu, str(tmp))
     ivf = _ivf(cpu)
     if ivf is not None:
         ivf.nprobe = int(conf.search.nprobe)  # before a GPU clone, which copies it
@@ -700,9 +700,8 @@ def main(conf: Config, dataset: Any = None) -> Path:
             pass
     ranks, scores = rank(db, queries, conf)
     for path, arr in ((ranks_path, ranks), (scores_path, scores)):
-        tmp = path.with_name(path.stem + ".tmp.npy")
-        np.save(tmp, arr)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            np.save(tmp, arr)
     meta["gpu_fallbacks"] = list(db.notes)  # requests answered without the GPU copy, and why
     meta_path.write_text(json.dumps(meta, indent=1))
     return ranks_path

@@ -56,6 +56,7 @@ import torch
 from delg.config import dump_config
 from delg.data.images import ImageReadError
 from delg.errors import ProjectError
+from delg.io import atomic_path
 from loftr_tools.base import IDENTICAL_INLIERS, ImageRef, Verifier
 from loftr_tools.ransac import RansacConf, ransac_inliers
 from loftr_tools.resize import is_oom, run_with_oom_retry, smaller_long_side
@@ -778,9 +779,8 @@ def main(conf: Any, method: str | None = None, dataset: Any = None) -> Path:
             arrays = {f"ranks_{p}": v for p, v in new_ranks.items()} | {f"inliers_{p}": v for p, v in inliers.items()}
         else:
             arrays = {"ranks": new_ranks, "inliers": inliers}
-        tmp = written.with_name(written.stem + ".tmp.npz")
-        np.savez(tmp, **arrays)
-        tmp.replace(written)
+        with atomic_path(written) as tmp:
+            np.savez(tmp, **arrays)
         print(f"{m}: {rr.stats.summary()} -> {written}")
     return written
 

@@ -9,7 +9,7 @@
 #
 # Env: REVISITOP_BASE_URL (a mirror laid out as <base>/<name>/gnd_<name>.pkl, <base>/<name>/jpg/<archive>,
 # <base>/revisitop1m/jpg/revisitop1m.<k>.tar.gz; default: the official hosts), REVISITOP_DIR (output folder).
-# Rerun the same command to resume or to retry failures.  All options: --help.  Logic: delg/download.py.
+# Rerun the same command to resume or to retry failures.  All options: --help.  Logic: delg/download/ (recipe: revisitop.py).
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="$REPO/.venv/bin/python"

@@ -501,5 +501,5 @@ def test_small_parsers(tmp_path: Path) -> None:
         parse_md5("<Error>NoSuchKey</Error>", "md5.images_000.txt")
     bad = tmp_path / "train_clean.csv"
     bad.write_text("landmark_id,images\n1,abcdef0123456789 ../x\n")
-    with pytest.raises(ValueError, match=r"train_clean.csv: line 2: field 'images'"):
+    with pytest.raises(ValueError, match=r"train_clean.csv:2: field 'images'"):
         read_train_clean(bad)

@@ -133,3 +133,24 @@ def test_unreadable_images_are_reported_not_fatal(tmp_path: Path):
     assert batch["views"].shape == (1, 2, 3, 4, 4) and batch["index"].tolist() == [0]
     assert [i for i, _ in batch["bad"]] == [1, 2]
     assert "cannot decode" in batch["bad"][0][1] and "not found" in batch["bad"][1][1]
+
+
+def test_layout_is_written_and_read_by_one_module(tmp_path: Path):
+    from delg.data.gldv2_layout import read_train_clean, write_train_clean
+
+    csv = write_train_clean(tmp_path / "train_clean.csv", [(7, ["aaa111", "bbb222"]), (3, ["ccc333"])])
+    assert csv.read_text() == "landmark_id,images\n7,aaa111 bbb222\n3,ccc333\n"
+    assert read_train_clean(csv) == [("aaa111", 7), ("bbb222", 7), ("ccc333", 3)]
+    assert read_labels(csv) == read_train_clean(csv)
+    # only the clean format is a train_clean.csv (the downloader checks the extracted images against it)
+    (tmp_path / "kaggle.csv").write_text("id,landmark_id\nccc333,3\n")
+    with pytest.raises(GLDv2Error, match="kaggle.csv: header"):
+        read_train_clean(tmp_path / "kaggle.csv")
+
+
+@pytest.mark.parametrize("text", ["landmark_id,images\n1,abcdef0123456789 ../x\n", "id,landmark_id\n../x,1\n"])
+def test_image_ids_that_would_escape_the_image_folder_are_refused(tmp_path: Path, text: str):
+    # ids become paths (a/b/c/<id>.jpg): '../x' would point outside the image folder
+    (tmp_path / "labels.csv").write_text(text)
+    with pytest.raises(GLDv2Error, match=r"labels.csv:2: field '(images|id)': bad image id '\.\./x'"):
+        read_labels(tmp_path / "labels.csv")

@@ -284,3 +284,14 @@ def test_crash_leaves_nothing_then_deterministic_rebuild(tiny_bench: Path, tmp_p
     assert mb.read_build_info(out) == mb.read_build_info(tiny_bench)
     assert (out / mb.GND_NAME).read_bytes() == (tiny_bench / mb.GND_NAME).read_bytes()
     assert sorted(p.name for p in out.parent.iterdir()) == ["tiny"]
+
+
+# Content checksum (BUILD.json) of the tiny preset as built by the code before the module split (commit f213563),
+# with the pinned image libraries (Pillow's JPEG encoder, OpenCV, scikit-image's sample photographs).  A refactor
+# must not change one pixel or one ground-truth byte; a deliberate change of the benchmark bumps VERSION and this.
+TINY_CHECKSUM_V2 = ("896459d59ad8cf02ff7a8c9ac9ffe8d8b65a63ea9d76e843bedc33506ac6d994", 59)
+
+
+def test_tiny_build_is_byte_identical_to_the_reference(tiny_bench: Path) -> None:
+    assert mb.VERSION == 2, "the benchmark changed: rebuild with the new code and update TINY_CHECKSUM_V2"
+    assert mb.content_checksum(tiny_bench) == TINY_CHECKSUM_V2

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from delg.data.dataset import RetrievalDataset, add_distractors, folder_tag, safe_name
 from delg.data.images import IMAGE_EXTENSIONS, list_images
+from delg.data.retrieval import RetrievalDataset, add_distractors, folder_tag, safe_name
 from delg.data.revisitop import GroundTruth, QueryGroundTruth
 
 

@@ -1,11 +1,6 @@
 """Google Landmarks v2 training data (and the embedded benchmark's training split, which uses the same layout).
 
-Reads any of the three GLDv2 label files, detected from the header:
-
-* ``train_clean.csv``: ``landmark_id,images`` (images = space-separated ids)      -- GLDv2-clean, 81,313 classes
-* ``train.csv``:       ``id,url,landmark_id``                                      -- GLDv2 full
-* Kaggle 2021 ``train.csv``: ``id,landmark_id``                                    -- the clean set, one row per image
-
+Reads any of the three GLDv2 label files (formats and the image layout: :mod:`delg.data.gldv2_layout`).
 Images live at ``<images>/<a>/<b>/<c>/<id>.jpg`` (a, b, c = first three characters of the id).  Landmark ids
 are relabelled contiguously (sorted original ids -> 0..K-1).  Unreadable images are counted, written to a report
 and skipped by the training loader; they never stop a run.
@@ -13,7 +8,6 @@ and skipped by the training loader; they never stop a run.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -24,12 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from delg.data.gldv2_layout import GLDv2Error, image_path, read_labels
 from delg.data.images import ImageReadError, load_pil
-from delg.errors import ProjectError
-
-
-class GLDv2Error(ProjectError, ValueError):
-    """A label file is malformed; the message names the file, the line and the field."""
 
 
 @dataclass
@@ -55,47 +45,6 @@ class LandmarkSet:
         idx = np.asarray(idx, dtype=np.int64)
         return LandmarkSet([self.paths[i] for i in idx], [self.image_ids[i] for i in idx], self.labels[idx],
                            self.landmark_ids, self.source, dict(self.notes))
-
-
-def image_path(images: str | Path, image_id: str) -> Path:
-    """``<images>/a/b/c/<id>.jpg``."""
-    if len(image_id) < 3:
-        raise GLDv2Error(f"image id '{image_id}' is shorter than 3 characters")
-    return Path(images) / image_id[0] / image_id[1] / image_id[2] / f"{image_id}.jpg"
-
-
-def read_labels(csv_path: str | Path) -> list[tuple[str, int]]:
-    """``[(image_id, landmark_id)]`` from any of the three GLDv2 label formats (see module doc)."""
-    csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        raise GLDv2Error(f"GLDv2 label file not found: {csv_path}")
-    rows: list[tuple[str, int]] = []
-    with csv_path.open(newline="") as f:
-        reader = csv.reader(f)
-        header = [h.strip() for h in next(reader, [])]
-        if header[:2] == ["landmark_id", "images"]:
-            kind = "clean"
-        elif "id" in header and "landmark_id" in header:
-            kind = "per_image"
-            i_id, i_lm = header.index("id"), header.index("landmark_id")
-        else:
-            raise GLDv2Error(
-                f"{csv_path}: header {header} is none of 'landmark_id,images', 'id,url,landmark_id', 'id,landmark_id'"
-            )
-        for line, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            try:
-                if kind == "clean":
-                    lm = int(row[0])
-                    rows.extend((i, lm) for i in row[1].split())
-                else:
-                    rows.append((row[i_id].strip(), int(row[i_lm])))
-            except (ValueError, IndexError):
-                raise GLDv2Error(f"{csv_path}:{line}: bad landmark_id or missing field in {row[:3]}") from None
-    if not rows:
-        raise GLDv2Error(f"{csv_path}: no images listed")
-    return rows
 
 
 def load_landmarks(csv_path: str | Path, images: str | Path, min_images_per_class: int = 1,

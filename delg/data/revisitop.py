@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from delg.errors import ProjectError
+from delg.io import atomic_write_bytes
 
 
 class GroundTruthError(ProjectError, ValueError):
@@ -339,3 +340,13 @@ def image_path(images_dir: str | Path, name: str, check: bool = False) -> Path:
     if check and not p.is_file():
         raise FileNotFoundError(f"{p}: image '{name}' not found (expected <images_dir>/<name>.jpg)")
     return p
+
+
+def write_gnd(path: str | Path, imlist: Sequence[str], qimlist: Sequence[str], gnd: Sequence[Mapping[str, Any]]) -> Path:
+    """Write a ``gnd_<name>.pkl`` that :func:`read_gnd` reads: ``{'imlist', 'qimlist', 'gnd'}`` (pickle protocol 4).
+
+    ``gnd[i]`` is ``{'bbx': [x1, y1, x2, y2], 'easy': [...], 'hard': [...], 'junk': [...]}`` with 0-based indices
+    into ``imlist``, as plain lists, ints and floats (the embedded benchmark writes its test split with it).
+    """
+    data = {"imlist": list(imlist), "qimlist": list(qimlist), "gnd": [dict(g) for g in gnd]}
+    return atomic_write_bytes(path, pickle.dumps(data, protocol=4))

@@ -20,7 +20,6 @@ names it.
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
 from collections.abc import Mapping
@@ -29,7 +28,9 @@ from typing import Any
 
 import torch
 
+from delg.io import atomic_path
 from delg.model.backbones import ModelError
+from delg.model.conventions import BGR_MEAN, BGR_STD
 
 FORMAT_VERSION = 1
 # Keys of pycls checkpoints that have no counterpart here, dropped on purpose.
@@ -152,9 +153,8 @@ def save_checkpoint(
         "config": conf,
         **(dict(extra) if extra else {}),
     }
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(ck, tmp)
-    os.replace(tmp, path)  # a kill during the write never leaves a truncated checkpoint behind
+    with atomic_path(path) as tmp:  # a kill during the write never leaves a truncated checkpoint behind
+        torch.save(ck, tmp)
     return path
 
 
@@ -216,8 +216,6 @@ def pycls_to_ours(state: Mapping[str, Any], source: str = "checkpoint") -> tuple
     )
     if depths not in _PYCLS_DEPTHS:
         raise CheckpointError(f"{source}: pycls ResNet stage depths {depths} are not ResNet-50/101")
-    from delg.model.delg import BGR_MEAN, BGR_STD
-
     n_cls = int(out["arcface.weight"].shape[0]) if "arcface.weight" in out else None
     if n_cls is None and "att_classifier.weight" in out:
         raise CheckpointError(f"{source}: att_cls present but desc_cls.weight missing")

@@ -36,6 +36,7 @@ from delg.data.gldv2 import (
 )
 from delg.data.images import ImageReadError, load_pil
 from delg.errors import ProjectError
+from delg.io import atomic_path
 from delg.model import DELG, build_model
 from delg.model.checkpoints import load_into_model, read_checkpoint
 from delg.train.augment import eval_transform, normalisation, train_transform, whole_transform
@@ -137,12 +138,10 @@ def _read_log(path: Path, upto_epoch: int) -> list[dict[str, str]]:
 
 
 def _write_log(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=LOG_COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, path)
 
 
 @torch.no_grad()
