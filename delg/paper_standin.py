@@ -103,7 +103,7 @@ def retrieval_overrides(sizes: Sizes) -> list[str]:
         "extract.scales=[0.7071,1.0]",  # 2 of the 7 scales: the pyramid and the local/global split still run
         "extract.global_scales=[1.0]",
         "extract.max_keypoints=100",
-        "rerank.top_k=4",
+        "rerank.top_k=3",
         "rerank.feature_cache_mb=256",
         f"loftr.long_side={s}",
         f"lightglue.long_side={s}",
@@ -344,12 +344,14 @@ def build_gldv2(out: Path, n_classes: int, per_class: int) -> tuple[Path, Path]:
 
 
 # ------------------------------------------------------------------------------------------------- weights
-def pycls_resnet_state(depth: int, n_cls: int, dim: int, seed: int = 0) -> dict[str, Any]:
-    """A random pycls DELG ``model_state`` (feymanpriv/DELG model/resnet.py names), ResNet-50 or -101."""
+def pycls_resnet_state(depth: int, n_cls: int, dim: int, seed: int | Any = 0) -> dict[str, Any]:
+    """A random pycls DELG ``model_state`` (feymanpriv/DELG model/resnet.py names), ResNet-50 or -101.
+
+    ``seed``: an int, or a ``torch.Generator`` to draw from (tests share one)."""
     import torch
 
     stages = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}[depth]
-    gen = torch.Generator().manual_seed(seed)
+    gen = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(int(seed))
     sd: dict[str, Any] = {}
 
     def conv(name: str, cout: int, cin: int, k: int) -> None:

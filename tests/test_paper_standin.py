@@ -46,7 +46,7 @@ def test_landmark_groups_join_queries_sharing_positives() -> None:
 def test_query_box_scaled_and_grown() -> None:
     assert ps._query_box([0, 0, 1024, 512], (128, 96), 0.125, 32) == [0.0, 0.0, 127.0, 64.0]
     x1, y1, x2, y2 = ps._query_box([500, 300, 510, 310], (128, 96), 0.125, 32)
-    assert x2 - x1 == 32 and y2 - y1 == 32 and x1 <= 62.5 <= x2
+    assert x2 - x1 == pytest.approx(32) and y2 - y1 == pytest.approx(32) and x1 <= 63.1 <= x2
 
 
 def test_cli_settings() -> None:
