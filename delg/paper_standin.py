@@ -22,7 +22,7 @@ Each config writes ``<out>/<config name>/results.json`` (training configs: a sum
 one line per config is printed, and the exit status is non-zero when any config failed.  Random weights: the
 numbers check that every path runs and that the protocol holds together, they are not the paper's.
 
-    python -m delg.paper_standin --out DIR [--quick] [configs=a,b] [db_per_query=2|all] [distractors=2000]
+    python -m delg.paper_standin --out DIR [--quick] [configs=a,b] [db_per_query=2|all] [distractors=1000]
                                  [device=cpu|cuda] [any.config.key=value ...]
 """
 
@@ -64,7 +64,7 @@ class Sizes:
 
     db_per_query: int | None = 2  # easy, hard and junk images kept per query (each kind); None = all names
     db_others: int = 120  # database images kept that are nobody's positive or junk
-    distractors: int = 2000  # +1M stand-in size
+    distractors: int = 1000  # +1M stand-in size
     long_side: int = 96  # database images (px)
     query_long_side: int = 128  # query images (px); the real bbx are scaled to this
     distractor_long_side: int = 64
@@ -547,8 +547,9 @@ def _train_summary(out_dir: Path, last: Path, conf: Any) -> dict[str, Any]:
     final = rows[-1] if rows else {}
     loss = {k: float(v) for k, v in final.items() if k in ("loss", "ce", "supcon", "attention", "reconstruction")
             and v not in ("", None)}
-    return {"kind": "train", "checkpoint": str(last), "epochs": len(rows),
-            "steps": int(final.get("steps", 0) or 0) if final else None, "final_loss": loss,
+    images = sum(int(r.get("images") or 0) for r in rows)
+    return {"kind": "train", "checkpoint": str(last), "epochs": len(rows), "images": images,
+            "steps": math.ceil(images / int(conf.train.batch_size)), "final_loss": loss,
             "loss_global": conf.loss["global"], "backbone": conf.model.backbone, "log": rows}
 
 
@@ -559,6 +560,8 @@ def run_one(name: str, st: Standin, sizes: Sizes, out: Path, extra: Sequence[str
     t, cpu = time.time(), time.process_time()
     out_dir = out / name
     rec: dict[str, Any] = {"name": name}
+    # a rerun reuses features and caches, but never an earlier run's results.json: a failure must not leave one
+    (out_dir / "results.json").unlink(missing_ok=True)
     try:
         raw = _resolved_raw(name)
         kind, ov = config_overrides(name, raw, st, sizes, out_dir)

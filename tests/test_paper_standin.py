@@ -8,6 +8,7 @@ import math
 import os
 import pickle
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,7 +63,9 @@ def test_cli_settings() -> None:
 @pytest.mark.slow
 def test_quick_subset_through_the_script(shared_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "standin"
-    env = {**os.environ, "SHARED_DATA": str(shared_data), "OMP_NUM_THREADS": "2"}
+    # the script runs <repo>/.venv/bin/python, else the python3 on PATH: make that this test's interpreter
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "SHARED_DATA": str(shared_data), "OMP_NUM_THREADS": "2", "PATH": path}
     r = subprocess.run(["bash", str(REPO / "scripts" / "paper_standin.sh"), "--out", str(out), "--quick"],
                        capture_output=True, text=True, timeout=1200, env=env, cwd=tmp_path)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
