@@ -126,6 +126,7 @@ def train_overrides(sizes: Sizes) -> list[str]:
         "train.image_size=64",
         "train.val_fraction=0",
         "train.warmup_epochs=0",
+        "train.keep_epochs=false",  # one checkpoint write (last.pth), not two
         "model.num_classes=null",  # the seed config names GLDv2-clean's 81,313 classes; the stand-in has fewer
         "num_workers=0",
         "progress=false",
