@@ -110,7 +110,6 @@ def retrieval_overrides(sizes: Sizes) -> list[str]:
         "lightglue.max_keypoints=128",
         "delg_local.max_keypoints=100",
         "report.enabled=false",
-        "search.train_size=20000",
         "num_workers=0",
         "progress=false",
         f"device={sizes.device}",
