@@ -514,7 +514,7 @@ def paper_configs() -> list[str]:
 
 def config_overrides(name: str, raw: dict[str, Any], st: Standin, sizes: Sizes, out_dir: Path) -> tuple[str, list[str]]:
     """``(kind, overrides)`` of one config: ``train`` or ``retrieval``, stand-in paths and shrinking overrides."""
-    if "train" in raw and raw["train"].get("data") == "gldv2":
+    if (raw.get("train") or {}).get("data") == "gldv2":
         ov = [f"train.csv={st.gld_csv}", f"train.images={st.gld_images}", *train_overrides(sizes)]
         ckpt = str(raw.get("model", {}).get("checkpoint") or "")
         if ckpt:
@@ -532,10 +532,22 @@ def config_overrides(name: str, raw: dict[str, Any], st: Standin, sizes: Sizes, 
     return "retrieval", ov
 
 
-def _resolved_raw(name: str) -> dict[str, Any]:
-    from delg.config import load_config
+def _raw_yaml(path: Path) -> dict[str, Any]:
+    """The settings a config file writes (its ``_base_`` chain merged), without defaults or validation: which
+    overrides a config needs is read from it before the real loader sees the config with those overrides."""
+    import yaml
 
-    return load_config(PAPER_CONFIGS / f"{name}.yaml", []).to_dict()
+    data = yaml.safe_load(path.read_text()) or {}
+    base = data.pop("_base_", None)
+    if not base:
+        return data
+    merged = _raw_yaml(path.parent / base)
+    for key, value in data.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
 
 
 def _train_summary(out_dir: Path, last: Path, conf: Any) -> dict[str, Any]:
@@ -563,7 +575,7 @@ def run_one(name: str, st: Standin, sizes: Sizes, out: Path, extra: Sequence[str
     # a rerun reuses features and caches, but never an earlier run's results.json: a failure must not leave one
     (out_dir / "results.json").unlink(missing_ok=True)
     try:
-        raw = _resolved_raw(name)
+        raw = _raw_yaml(PAPER_CONFIGS / f"{name}.yaml")
         kind, ov = config_overrides(name, raw, st, sizes, out_dir)
         conf = load_config(PAPER_CONFIGS / f"{name}.yaml", [*ov, *extra])
         rec.update(kind=kind, overrides=[*ov, *extra])

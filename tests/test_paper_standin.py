@@ -97,3 +97,26 @@ def test_missing_shared_data_is_one_clear_error(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setenv("SHARED_DATA", str(tmp_path / "nowhere"))
     with pytest.raises(ps.StandinError, match="gnd_roxford5k.pkl"):
         ps.main(tmp_path / "o", configs=["roxford5k_seed_r50"])
+
+
+def test_every_paper_config_gets_its_stand_in() -> None:
+    """Each config is run as what it is: GLDv2 training, or retrieval on its dataset, with the stand-in checkpoint of
+    its kind (seed pycls for the seed configs, our 2048-d for the others) and distractors only for +1M."""
+    w = {k: Path(f"/w/{k}") for k in ("seed_r50", "seed_r101", "r50", "r101", "loftr", "imagenet")}
+    st = ps.Standin(Path("/o"), {n: Path(f"/d/{n}") for n in ps.DATASETS}, Path("/dis"), Path("/c.csv"),
+                    Path("/img"), w, {})
+    names = ps.paper_configs()
+    assert len(names) == 21 and "_retrieval" not in names
+    for name in names:
+        kind, ov = ps.config_overrides(name, ps._raw_yaml(ps.PAPER_CONFIGS / f"{name}.yaml"), st, ps.Sizes(),
+                                       Path(f"/o/{name}"))
+        assert f"output_dir={Path('/o') / name}" in ov
+        ckpt = [o.split("=", 1)[1] for o in ov if o.startswith("model.checkpoint=")]
+        if "gldv2" in name or name.startswith("seed_"):
+            assert kind == "train" and "train.csv=/c.csv" in ov and "train.epochs=1" in ov
+            assert ckpt == (["/w/seed_r50"] if name.startswith("seed_") else [])
+        else:
+            assert kind == "retrieval" and f"dataset.root=/d/{name.split('_')[0]}" in ov
+            assert ("dataset.distractors=/dis" in ov) == ("_r1m_" in name)
+            depth = "r101" if "r101" in name else "r50"
+            assert ckpt == [f"/w/seed_{depth}" if "_seed_" in name else f"/w/{depth}"], (name, ckpt)
