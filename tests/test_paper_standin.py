@@ -67,7 +67,7 @@ def test_quick_subset_through_the_script(shared_data: Path, tmp_path: Path) -> N
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     env = {**os.environ, "SHARED_DATA": str(shared_data), "OMP_NUM_THREADS": "2", "PATH": path}
     r = subprocess.run(["bash", str(REPO / "scripts" / "paper_standin.sh"), "--out", str(out), "--quick"],
-                       capture_output=True, text=True, timeout=1200, env=env, cwd=tmp_path)
+                       capture_output=True, text=True, timeout=3600, env=env, cwd=tmp_path)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     for name in ps.QUICK_CONFIGS:
         line = next(s for s in r.stdout.splitlines() if s.startswith(name + " "))
