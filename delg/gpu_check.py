@@ -6,7 +6,12 @@ Measures, on whatever device is there (CUDA if present), one stage at a time:
   mixed precision off and on (on needs CUDA);
 * ``search``: global search over 1,000,000 2048-d descriptors: FAISS GPU where installed, else torch matmul + topk;
 * ``loftr``: LoFTR pairs/s, our cached-backbone verifier against a plain loop over kornia's LoFTR forward;
-* ``lightglue``: DISK + LightGlue pairs/s (random weights: only the time means something).
+* ``lightglue``: DISK + LightGlue pairs/s (random weights: only the time means something);
+* ``loftr_vs_kornia``: our cached LoFTR path (fp32, and fp16 with mixed precision on CUDA) against kornia's own
+  forward on the same weights and images: match counts and the fraction of our matches that kornia also finds;
+* ``paper_standin``: the quick subset of ``scripts/paper_standin.sh`` (paper configs end to end on stand-in data)
+  on this device: autocast extraction, LoFTR's cached fp16 path, FAISS on the GPU where installed; one line per
+  config with its Medium mAPs (needs ``../shared/data``; skipped with ``--tiny``).
 
 Every stage runs on its own: one that fails records ``{"error": "<one line>"}``, one that cannot run (no kornia,
 no CUDA) records ``{"skipped": "<reason>"}``, and the next stage runs anyway.  The JSON is rewritten (atomically)
@@ -41,7 +46,7 @@ import torch
 
 from delg.io import atomic_write_json
 
-KORNIA_STAGES = ("loftr", "lightglue")
+KORNIA_STAGES = ("loftr", "lightglue", "loftr_vs_kornia")
 KORNIA_FIX = "run `make gpu-wheels` where PyPI is reachable and carry .gpu_wheels (scripts/gpu_check.sh installs it)"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -168,6 +173,83 @@ def bench_loftr(device: torch.device, folder: Path, size: tuple[int, int], n_pai
     t_ours = _timed(run_ours, device)
     t_plain = _timed(run_plain, device)
     return {"ours_pairs_per_s": n_pairs / t_ours, "plain_pairs_per_s": n_pairs / t_plain, "speedup": t_plain / t_ours}
+
+
+def _agreement(ours: tuple[np.ndarray, np.ndarray], ref: tuple[np.ndarray, np.ndarray], tol: float) -> float:
+    """Fraction of our matches (pts0, pts1) with a kornia match within ``tol`` px in both images."""
+    a = torch.from_numpy(np.concatenate(ours, 1)).double()
+    b = torch.from_numpy(np.concatenate(ref, 1)).double()
+    if len(a) == 0 or len(b) == 0:
+        return float(len(a) == len(b))
+    d = torch.cdist(a[:, :2], b[:, :2]).clamp_min(torch.cdist(a[:, 2:], b[:, 2:]))  # worse of the two images
+    return float((d.min(1).values <= tol).double().mean())
+
+
+def compare_loftr_kornia(device: torch.device, folder: Path, size: tuple[int, int], n_pairs: int) -> dict[str, Any]:
+    """Our cached LoFTR (backbone once per image) against kornia's own per-pair forward, same weights and images.
+
+    fp32: the same matches (counts equal, keypoints within 1e-3 px).  fp16 (CUDA autocast, as the reranker runs):
+    half precision reorders sums, so a few matches near the threshold differ; the counts and the fraction of our
+    matches that kornia's fp16 forward also finds (within 1 px) say how far.
+    """
+    from kornia.feature import LoFTR
+
+    from delg.paper_standin import write_loftr_checkpoint
+    from loftr_tools.base import ImageRef
+    from loftr_tools.loftr import LoFTRVerifier, kornia_config
+    from loftr_tools.resize import load_resized
+
+    ckpt = write_loftr_checkpoint(folder / "loftr_official_random.ckpt")
+    paths = _write_images(folder, n_pairs + 1, size)
+    refs = [ImageRef(key=str(p), name=p.name, path=p) for p in paths]
+    res: dict[str, Any] = {}
+    for tag, amp in (("fp32", False), ("fp16", True)):
+        if amp and device.type != "cuda":
+            res[tag] = {"skipped": "mixed precision needs CUDA"}
+            continue
+        conf = {"weights": str(ckpt), "long_side": max(size), "match_threshold": 0.0, "mixed_precision": amp,
+                "temp_bug_fix": True}
+        ours = LoFTRVerifier(conf, device=device)
+        ref = LoFTR(pretrained=None, config=kornia_config(conf))
+        ref.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"])
+        ref = ref.to(device).eval()
+        n_ours, n_ref, agree, max_diff = [], [], [], 0.0
+        for i in range(n_pairs):
+            r0, r1 = refs[i], refs[i + 1]
+            got = ours.match(ours.prepare(r0), ours.prepare(r1))
+            im0, im1 = (load_resized(r, conf["long_side"], 8, gray=True) for r in (r0, r1))
+            with torch.inference_mode(), torch.autocast(device.type, enabled=amp):
+                out = ref({"image0": im0.tensor(gray=True).to(device), "image1": im1.tensor(gray=True).to(device)})
+            # kornia puts pixel centres at +0.5 (see tests/test_loftr.py)
+            want = (im0.to_original(out["keypoints0"].float().cpu() - 0.5),
+                    im1.to_original(out["keypoints1"].float().cpu() - 0.5))
+            n_ours.append(len(got[0]))
+            n_ref.append(len(want[0]))
+            agree.append(_agreement(got, want, 1.0))
+            if len(got[0]) == len(want[0]) and len(got[0]):
+                o, s_ = np.lexsort((got[0][:, 0], got[0][:, 1])), np.lexsort((want[0][:, 0], want[0][:, 1]))
+                max_diff = max(max_diff, float(np.abs(got[0][o] - want[0][s_]).max()),
+                               float(np.abs(got[1][o] - want[1][s_]).max()))
+        res[tag] = {"matches_ours": n_ours, "matches_kornia": n_ref, "agree_1px": round(min(agree), 4),
+                    "same_count": n_ours == n_ref, "max_diff_px": max_diff if n_ours == n_ref else None}
+    res["setting"] = f"{size[0]}x{size[1]}, {n_pairs} pairs, random weights, threshold 0"
+    return res
+
+
+def run_paper_standin(device: torch.device, out_dir: Path) -> dict[str, Any]:
+    """The quick subset of ``scripts/paper_standin.sh`` on ``device``; one entry per config."""
+    from dataclasses import replace
+
+    from delg import paper_standin
+
+    lines: list[str] = []
+    rc = paper_standin.main(out_dir, quick=True, sizes=replace(paper_standin.QUICK, device=str(device)),
+                            log=lines.append)
+    data = json.loads((out_dir / "standin.json").read_text())
+    keep = ("status", "seconds", "maps", "skipped_methods", "loss", "error")
+    return {"exit_status": rc, "output_dir": str(out_dir), "failed": data["failed"],
+            "configs": {r["name"]: {k: r[k] for k in keep if k in r} for r in data["configs"]},
+            "lines": [x for x in lines if x and not x.startswith("paper_standin:")]}
 
 
 def bench_lightglue(device: torch.device, size: tuple[int, int], n_pairs: int, keypoints: int) -> float:
@@ -333,12 +415,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def lightglue() -> dict[str, Any]:
         return {"pairs_per_s": bench_lightglue(device, l_size, l_pairs, kp), "setting": f"DISK {kp} keypoints, {l_setting}"}
 
+    def loftr_vs_kornia() -> dict[str, Any]:
+        with tempfile.TemporaryDirectory() as tmp:
+            return compare_loftr_kornia(device, Path(tmp), (128, 96) if args.tiny else (640, 480), 2 if args.tiny else 4)
+
+    def standin() -> dict[str, Any]:
+        return run_paper_standin(device, path.parent / "paper_standin")
+
+    standin_skip = "tiny: the stand-in takes minutes on a CPU (run scripts/paper_standin.sh --quick)" if args.tiny else None
+    if standin_skip is None:
+        from delg.errors import ProjectError
+        from delg.paper_standin import shared_data
+
+        try:
+            shared_data()
+        except ProjectError as e:
+            standin_skip = str(e)
     stages: list[tuple[str, Callable[[], dict[str, Any]], str | None]] = [
         ("extraction_amp_off", extraction(False), None),
         ("extraction_amp_on", extraction(True), None if device.type == "cuda" else "mixed precision needs CUDA"),
         ("search", lambda: bench_search(device, n_db, dim, 70), None),
         ("loftr", loftr, f"kornia not importable ({kornia_missing}); {KORNIA_FIX}" if kornia_missing else None),
         ("lightglue", lightglue, f"kornia not importable ({kornia_missing}); {KORNIA_FIX}" if kornia_missing else None),
+        ("loftr_vs_kornia", loftr_vs_kornia,
+         f"kornia not importable ({kornia_missing}); {KORNIA_FIX}" if kornia_missing else None),
+        ("paper_standin", standin, standin_skip),
     ]
     for name, fn, skip in stages:
         if skip:

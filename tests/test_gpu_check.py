@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _no_errors(data: dict[str, Any]) -> None:
-    for name in ("extraction_amp_off", "extraction_amp_on", "search", "loftr", "lightglue"):
+    for name in ("extraction_amp_off", "extraction_amp_on", "search", "loftr", "lightglue", "loftr_vs_kornia",
+                 "paper_standin"):
         assert "error" not in data[name], (name, data[name])
 
 
@@ -40,6 +41,11 @@ def test_gpu_check_tiny_cpu(tmp_path: Path) -> None:
     assert data["loftr"]["ours_pairs_per_s"] > 0 and data["loftr"]["plain_pairs_per_s"] > 0
     assert data["lightglue"]["pairs_per_s"] > 0
     assert data["search"]["queries_per_s"] > 0 and data["search"]["n_db"] == 5000
+    # our cached LoFTR path against kornia's own forward: in fp32 the same matches; fp16 needs CUDA
+    cmp32 = data["loftr_vs_kornia"]["fp32"]
+    assert cmp32["same_count"] and min(cmp32["matches_ours"]) > 0 and cmp32["max_diff_px"] < 1e-3, cmp32
+    assert cmp32["agree_1px"] == 1.0 and "skipped" in data["loftr_vs_kornia"]["fp16"]
+    assert "tiny" in data["paper_standin"]["skipped"]
     assert not list(tmp_path.glob("*.tmp"))
 
 
@@ -63,7 +69,7 @@ def test_gpu_check_without_kornia_keeps_the_other_stages(tmp_path: Path) -> None
     data = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     assert data["finished"] is True and data["tiny"] is True
     assert data["env"]["kornia"] is None and data["env"]["kornia_error"]
-    for name in ("loftr", "lightglue"):
+    for name in ("loftr", "lightglue", "loftr_vs_kornia"):
         assert set(data[name]) == {"skipped"} and "gpu-wheels" in data[name]["skipped"], data[name]
     assert data["extraction_amp_off"]["images_per_s"] > 0
     assert data["search"]["queries_per_s"] > 0 and data["search"]["n_db"] == 5000
@@ -148,3 +154,27 @@ def test_one_line() -> None:
     assert gpu_check.one_line(ValueError("first\nsecond")) == "ValueError: first"
     assert gpu_check.one_line(KeyError()) == "KeyError"
     assert len(gpu_check.one_line(ValueError("x" * 1000))) == 300
+
+
+def test_paper_standin_stage_records_each_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stage runs the stand-in's quick subset on the check's device and keeps one entry per config."""
+    from delg import paper_standin
+
+    seen: dict[str, Any] = {}
+
+    def fake_main(out: Path, configs: Any = None, quick: bool = False, sizes: Any = None, overrides: Any = (),
+                  log: Any = print) -> int:
+        seen.update(out=out, quick=quick, device=sizes.device)
+        Path(out).mkdir(parents=True)
+        recs = [{"name": "a", "status": "ok", "seconds": 1.0, "maps": {"global": 10.0}, "traceback": "x"},
+                {"name": "b", "status": "FAILED", "seconds": 2.0, "error": "E: boom"}]
+        (Path(out) / "standin.json").write_text(json.dumps({"configs": recs, "failed": ["b"]}))
+        log("a ok")
+        return 1
+
+    monkeypatch.setattr(paper_standin, "main", fake_main)
+    res = gpu_check.run_paper_standin(gpu_check.torch.device("cpu"), tmp_path / "ps")
+    assert seen == {"out": tmp_path / "ps", "quick": True, "device": "cpu"}
+    assert res["exit_status"] == 1 and res["failed"] == ["b"] and res["lines"] == ["a ok"]
+    assert res["configs"]["a"] == {"status": "ok", "seconds": 1.0, "maps": {"global": 10.0}}
+    assert res["configs"]["b"]["error"] == "E: boom"
