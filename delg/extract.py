@@ -593,7 +593,7 @@ def extract_one(model: torch.nn.Module, image_pil: Image.Image, conf: Config) ->
 def _load_resized(im: Image.Image, xs: ExtractSettings) -> torch.Tensor:
     """RGB PIL image -> (3, H, W) uint8 limited to ``max_size``, resized as ``extract.resize`` says."""
     if xs.resize == "cv2_bilinear":
-        return torch.from_numpy(np.ascontiguousarray(resize_max_side_cv2(im, xs.max_size))).permute(2, 0, 1).contiguous()
+        return torch.from_numpy(np.array(resize_max_side_cv2(im, xs.max_size), dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
     return pil_to_tensor(resize_max_side(im, xs.max_size))
 
 
