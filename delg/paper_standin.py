@@ -94,7 +94,7 @@ QUICK = Sizes(db_per_query=1, db_others=40, distractors=300)
 
 # ------------------------------------------------------------------------------------------- shrinking overrides
 # The only changes made to a paper config, besides paths to the stand-in (dataset.root, dataset.distractors,
-# model.checkpoint, loftr.weights, train.csv/images, output_dir).  One table, so that a renamed key is one edit.
+# extract.distractor_dir, model.checkpoint, loftr.weights, train.csv/images, output_dir).  One table, so that a renamed key is one edit.
 def retrieval_overrides(sizes: Sizes) -> list[str]:
     """Overrides that shrink a retrieval config to stand-in scale (image sizes, scales, top-K, report)."""
     s = sizes.long_side
@@ -524,7 +524,8 @@ def config_overrides(name: str, raw: dict[str, Any], st: Standin, sizes: Sizes, 
     ov = [f"dataset.root={st.data[ds['name']]}", f"loftr.weights={st.weights['loftr']}",
           *retrieval_overrides(sizes), f"output_dir={out_dir}"]
     if ds.get("distractors"):
-        ov.append(f"dataset.distractors={st.distractors}")
+        # the +1M configs share one distractor store (extract.distractor_dir): here it is shared inside <out>
+        ov += [f"dataset.distractors={st.distractors}", f"extract.distractor_dir={out_dir.parent / 'features'}"]
     model = raw.get("model", {})
     ckpt = str(model.get("checkpoint") or "")
     depth = "r101" if model.get("backbone") == "resnet101" else "r50"

@@ -118,5 +118,7 @@ def test_every_paper_config_gets_its_stand_in() -> None:
         else:
             assert kind == "retrieval" and f"dataset.root=/d/{name.split('_')[0]}" in ov
             assert ("dataset.distractors=/dis" in ov) == ("_r1m_" in name)
+            # the shared distractor store stays inside --out (never the repository's outputs/paper/features)
+            assert ("extract.distractor_dir=/o/features" in ov) == ("_r1m_" in name)
             depth = "r101" if "r101" in name else "r50"
             assert ckpt == [f"/w/seed_{depth}" if "_seed_" in name else f"/w/{depth}"], (name, ckpt)
