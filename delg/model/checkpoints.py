@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from delg.model.backbones import ModelError
+from delg.model.conventions import BGR_MEAN, BGR_STD
 
 FORMAT_VERSION = 1
 # Keys of pycls checkpoints that have no counterpart here, dropped on purpose.
@@ -216,8 +217,6 @@ def pycls_to_ours(state: Mapping[str, Any], source: str = "checkpoint") -> tuple
     )
     if depths not in _PYCLS_DEPTHS:
         raise CheckpointError(f"{source}: pycls ResNet stage depths {depths} are not ResNet-50/101")
-    from delg.model.delg import BGR_MEAN, BGR_STD
-
     n_cls = int(out["arcface.weight"].shape[0]) if "arcface.weight" in out else None
     if n_cls is None and "att_classifier.weight" in out:
         raise CheckpointError(f"{source}: att_cls present but desc_cls.weight missing")
