@@ -6,7 +6,7 @@ demo settings, then for each verifier (registry: ``loftr_tools.registry.build_ve
 every (query, database) pair of the global top K, computed ONCE (each image prepared once, each unordered pair
 matched once, kept in ``<output_dir>/matches-<verifier tag>.npz`` for reruns). Every (model, threshold) of the grid
 is then applied to those same matches with :func:`loftr_tools.ransac.ransac_inliers`, the top K is reordered like
-the reranker does (:func:`loftr_tools.rerank.reorder_topk`) and evaluated with :func:`delg.evaluate.evaluate`.
+the reranker does (:func:`loftr_tools.ranking.reorder_topk`) and evaluated with :func:`delg.evaluate.evaluate`.
 Fundamental and homography run MAGSAC++ with 10000 trials, affine plain RANSAC with DELG's 1000 (``--trials``).
 
     nice -n 10 .venv/bin/python bench/ransac_choice.py --json outputs/bench/ransac_choice.json
@@ -36,9 +36,11 @@ from delg.data.dataset import load_dataset  # noqa: E402
 from delg.data.images import ImageReadError  # noqa: E402
 from delg.evaluate import evaluate  # noqa: E402
 from loftr_tools.base import IDENTICAL_INLIERS  # noqa: E402
+from loftr_tools.caches import FeatureCache  # noqa: E402
+from loftr_tools.ranking import reorder_topk  # noqa: E402
 from loftr_tools.ransac import ransac_inliers  # noqa: E402
 from loftr_tools.registry import build_verifier  # noqa: E402
-from loftr_tools.rerank import FeatureCache, _resolved, dataset_refs, reorder_topk  # noqa: E402
+from loftr_tools.rerank import _resolved, dataset_refs  # noqa: E402
 
 SHARED = Path(os.environ.get("SHARED_DATA", REPO.parent / "shared" / "data"))
 MODELS = ("fundamental", "homography", "affine")

@@ -27,8 +27,8 @@ from delg.config import Config, ConfigError, dump_config, run_stage
 from delg.data.dataset import RetrievalDataset, load_dataset
 from delg.data.revisitop import GroundTruth
 from delg.evaluate import evaluate, format_table
-from delg.extract import extraction_settings
-from delg.io import atomic_path, atomic_write_json
+from delg.feature_stores import extraction_settings
+from delg.io import atomic_write_json
 
 log = logging.getLogger("delg.retrieve")
 
@@ -38,7 +38,7 @@ _PROTOCOL_KEY = {"easy": "E", "medium": "M", "hard": "H"}
 
 
 def _stored_names(conf: Config, dataset: RetrievalDataset, split: str) -> set[str]:
-    from delg.extract import open_db_store, preset_name, query_store_path
+    from delg.feature_stores import open_db_store, preset_name, query_store_path
     from delg.store import FeatureStore
 
     if split == "db":  # the db store, plus the shared distractor store when there is one
@@ -54,7 +54,7 @@ def _subset_gnd(gnd: GroundTruth, keep: Sequence[int]) -> GroundTruth:
 
 def _skipped_report(dataset: RetrievalDataset, missing_db: list[int], missing_q: list[int], conf: Config) -> list[dict]:
     """One entry per image that has no features, with the reason the extraction recorded."""
-    from delg.extract import db_store_paths, query_store_path, sidecar
+    from delg.feature_stores import db_store_paths, query_store_path, sidecar
 
     reasons: dict[str, str] = {}
     sidecars = [("db", sidecar(p, "skipped")) for p in db_store_paths(conf, dataset)]
@@ -89,29 +89,16 @@ def _evaluate(gnd: GroundTruth, ranks: np.ndarray | dict[str, np.ndarray], n_db:
     return evaluate(gnd, ranks, n_db=n_db)
 
 
-def _save_ranks(path: Path, ranks: np.ndarray | dict[str, np.ndarray], **extra: np.ndarray | dict[str, np.ndarray]) -> None:
-    arrays: dict[str, np.ndarray] = {}
-    for key, val in {"ranks": ranks, **extra}.items():
-        if isinstance(val, dict):
-            arrays.update({f"{key}_{p}": v for p, v in val.items()})
-        else:
-            arrays[key] = val
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        np.savez_compressed(tmp, **arrays)
-
-
 def main(conf: Config) -> Path:
     """Run search, reranking, evaluation and the report; returns ``<output_dir>/results.json``."""
-    from delg.extract import check_weights
+    from delg.feature_stores import check_weights
 
     check_weights(conf)  # a forgotten model.checkpoint fails before any work
     if conf.get("query"):
         return search_photo(conf, Path(conf.query))
     from delg import search
-    from loftr_tools.base import VerifierUnavailable
     from loftr_tools.registry import verifier_settings
-    from loftr_tools.rerank import open_reranker
+    from loftr_tools.rerank import rerank_methods
 
     # Each verifier's resolved settings (long_side, RANSAC model/threshold/trials/min_inliers): checked before any
     # work, recorded in results.json (protocol.verifiers), completed with weight digests / stores when it runs.
@@ -148,25 +135,24 @@ def main(conf: Config) -> Path:
     inliers_for_report: dict[str, dict[tuple[int, int], int]] = {}
     match_fns: dict[str, Any] = {}
     verifier_skips: list[dict[str, str]] = []
-    rerankers = []
     rc = conf.rerank
-    for method in rc.methods:
-        t = time.time()
-        try:
-            rr = open_reranker(conf, dataset, method)
-        except VerifierUnavailable as e:
-            print(f"[{method}] skipped: {e}")
-            verifier_skips.append({"method": method, "reason": str(e)})
+    # the one reranking loop (shared with python -m loftr_tools.rerank): writes ranks/rerank-<method>.npz; the
+    # rerankers stay open for the report's match pictures
+    runs = rerank_methods(conf, dataset, ranks[:, keep], scores[:, keep], query_ids=keep, skip_unavailable=True,
+                          keep_open=True)
+    rerankers = [run.reranker for run in runs if run.reranker is not None]
+    for run in runs:
+        method = run.method
+        if run.reranker is None:
+            verifier_skips.append({"method": method, "reason": str(run.unavailable)})
             continue
-        rerankers.append(rr)
+        rr = run.reranker
+        new_ranks, inliers = run.ranks, run.inliers
         verifier_protocol[method] = {**verifier_protocol[method], **rr.settings(), "method": method}
-        new_ranks, inliers = rr.rerank(dataset, ranks[:, keep], scores[:, keep], int(rc.top_k),
-                                       bool(rc.junk_before_rerank), query_ids=keep)
         for key, img_err in rr.stats.failed_images.items():
             if not any(s["split"] + "/" + s["name"] == key for s in skipped):
                 verifier_skips.append({"method": method, "image": key, "reason": img_err})
-        print(f"[{method}] {rr.stats.summary()}")
-        _save_ranks(out_dir / "ranks" / f"rerank-{method}.npz", new_ranks, inliers=inliers)
+        t = time.time()
         results[method] = _evaluate(gnd, new_ranks, dataset.n_db)
         shown = new_ranks["medium"] if isinstance(new_ranks, dict) else new_ranks
         shown_inl = inliers["medium"] if isinstance(inliers, dict) else inliers
@@ -175,7 +161,7 @@ def main(conf: Config) -> Path:
             (c, int(shown[r, c])): int(shown_inl[r, c]) for c in range(shown.shape[1]) for r in range(shown_inl.shape[0])
         }
         match_fns[method] = (lambda rr_: lambda c, db: rr_.inlier_matches(dataset, keep[c], db))(rr)
-        timing[method] = time.time() - t
+        timing[method] = run.seconds + time.time() - t
 
     title = f"{dataset.name}: {len(keep)} queries" + (f" ({len(missing_q)} skipped)" if missing_q else "")
     print()
@@ -243,6 +229,7 @@ def search_photo(conf: Config, photo: Path) -> Path:
     from delg.data.images import load_pil
     from delg.extract import extract_one, load_model
     from loftr_tools.base import ImageRef, VerifierUnavailable
+    from loftr_tools.ranking import floor_inliers, reorder_topk, topk_rows
     from loftr_tools.rerank import dataset_refs, open_reranker
 
     if not photo.is_file():
@@ -251,9 +238,9 @@ def search_photo(conf: Config, photo: Path) -> Path:
     search.ensure_features(conf, dataset, ("db",))
     feats = extract_one(load_model(conf), load_pil(photo), conf)
     ids, scores = search.search_one(feats["global"], conf, dataset)
-    top_k = min(int(conf.rerank.top_k), len(ids))
+    top_k = topk_rows(int(conf.rerank.top_k), len(ids))
     order = list(range(len(ids)))
-    inl = [None] * len(ids)
+    inl: list[int | None] = [None] * len(ids)
     used = "global"
     for method in conf.rerank.methods:
         try:
@@ -265,10 +252,13 @@ def search_photo(conf: Config, photo: Path) -> Path:
         _, drefs = dataset_refs(dataset)
         counts = rr.score_pairs({qref: [drefs[int(i)] for i in ids[:top_k]]})
         rr.close()
-        for r in range(top_k):
-            n = counts[(qref.key, drefs[int(ids[r])].key)]
-            inl[r] = n if n >= rr.min_inliers else 0  # the verifier's ransac.min_inliers, as in reranking
-        order = sorted(range(top_k), key=lambda r: (-inl[r], -scores[r])) + list(range(top_k, len(ids)))
+        # the reranker's own rules: the verifier's ransac.min_inliers floor, then reorder_topk on the one column of
+        # positions (so `order` indexes ids/scores); ties keep the global order
+        raw = np.array([counts[(qref.key, drefs[int(ids[r])].key)] for r in range(top_k)], dtype=np.int64)
+        floored = floor_inliers(raw, rr.min_inliers)
+        positions, _ = reorder_topk(np.arange(len(ids))[:, None], floored[:, None], np.asarray(scores)[:, None])
+        order = [int(r) for r in positions[:, 0]]
+        inl[:top_k] = [int(v) for v in floored]
         used = method
         break
     print(f"\ntop matches for {photo} (global search, reranked with {used}):")

@@ -1,6 +1,6 @@
 """Global search: FAISS over the database's global descriptors, rankings in revisitop's layout.
 
-The database is read through ``delg.extract.open_db_store``: the benchmark's db store, plus the shared distractor
+The database is read through ``delg.feature_stores.open_db_store``: the benchmark's db store, plus the shared distractor
 store with ``dataset.distractors`` (float16 stores are read as float32).
 
 Outputs (``main``), under ``<output_dir>/ranks/``:
@@ -49,14 +49,7 @@ from tqdm import tqdm
 
 from delg.config import Config, dump_config, run_stage
 from delg.errors import ProjectError
-from delg.extract import (
-    db_store_paths,
-    open_db_store,
-    preset_name,
-    query_store_path,
-    store_path,
-    stores_complete,
-)
+from delg.feature_stores import db_store_paths, open_db_store, preset_name, query_store_path, store_path
 from delg.io import atomic_path
 from delg.store import FeatureStore, StoreUnion
 
@@ -622,6 +615,9 @@ def _redo_key(conf: Config, dataset: Any, split: str) -> tuple[str, ...]:
 def ensure_features(conf: Config, dataset: Any, splits: Sequence[str] = ("db", "query")) -> None:
     """Run the extraction for the splits whose stores are missing or incomplete (a fresh clone works); with
     ``overwrite=true`` for every split (the whole extraction is redone, the shared distractor store included)."""
+    from delg.extract import main as extract_main
+    from delg.extract import stores_complete
+
     overwrite = bool(conf.get("overwrite", False))
     # overwrite=true redoes the extraction of every split (once per process: search_one after ensure_features,
     # or a second stage in the same process, must not redo it again)
@@ -629,8 +625,6 @@ def ensure_features(conf: Config, dataset: Any, splits: Sequence[str] = ("db", "
             or not stores_complete(conf, dataset, s)]
     if not todo:
         return
-    from delg.extract import main as extract_main
-
     sub = Config(conf.to_dict())
     sub.extract.splits = list(todo)
     sub.extract.merge = False
@@ -647,7 +641,7 @@ def ensure_features(conf: Config, dataset: Any, splits: Sequence[str] = ("db", "
 
 def main(conf: Config, dataset: Any = None) -> Path:
     """Rank the database for every query; writes ``<output_dir>/ranks/global.npy`` (+ scores, meta) and returns it."""
-    from delg.extract import check_weights
+    from delg.feature_stores import check_weights
 
     check_weights(conf)  # a forgotten model.checkpoint fails before any work
     check_settings(conf)

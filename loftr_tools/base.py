@@ -79,7 +79,7 @@ class Verifier(ABC):
         """What the matches depend on besides the images: the method, every setting of the resolved section (the
         RANSAC mapping excepted: the reranker adds the one it uses) and :meth:`identity_extra`. Derived from the
         settings, not listed by hand, so a new setting joins the inlier cache's identity by itself; settings that
-        cannot change a count are in ``loftr_tools.rerank.NOT_IN_IDENTITY``."""
+        cannot change a count are in ``loftr_tools.caches.NOT_IN_IDENTITY``."""
         return {"method": self.name, "settings": {k: v for k, v in self.conf.items() if k != "ransac"},
                 **self.identity_extra()}
 

@@ -1,4 +1,9 @@
-"""Rerank the global top-K with a local verifier: pair order, feature cache, on-disk inlier cache.
+"""Rerank the global top-K with a local verifier: pairs to score, their order, and the one reranking loop.
+
+The caches are :mod:`loftr_tools.caches` (feature LRU, SQLite inlier cache and its identity); the ranking rules
+(top K, ``min_inliers`` floor, reorder, junk protocol) are :mod:`loftr_tools.ranking`. :func:`rerank_methods` runs
+every configured verifier over the global rankings and :func:`write_reranked` writes ``ranks/rerank-<method>.npz``:
+``python -m loftr_tools.rerank`` and ``delg.retrieve`` both go through them.
 
 The score of a (query, database) pair is the number of RANSAC inliers (:func:`loftr_tools.ransac.ransac_inliers`)
 among the verifier's tentative matches. The reranked ranking of a query is its global top-K ordered by
@@ -22,7 +27,7 @@ Caching:
   with itself (same file, no crop) is not matched and scores :data:`IDENTICAL_INLIERS`.
 * Inliers: one SQLite file per verifier identity, ``<output_dir>/matches/inliers-<tag>-<hash>.sqlite``, where the hash
   covers the method, every setting of its section, its RANSAC settings and the inputs that are not settings (LoFTR's
-  weight digest, the feature stores DELG-local reads; :func:`cache_identity`). It is keyed by
+  weight digest, the feature stores DELG-local reads; :func:`loftr_tools.caches.cache_identity`). It is keyed by
   (query key incl. crop, database key), or for an unordered pair by ``('pair:' + first path, second path)``. Each
   pair is committed as soon as it is scored, so a killed run loses at most the pair in progress, a rerun skips what
   is done, and another protocol (or ``top_k`` <= the cached one) reuses the counts without matching anything.
@@ -38,14 +43,11 @@ CLI: ``python -m loftr_tools.rerank --config configs/demo.yaml rerank.methods=[l
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
-import sqlite3
 import sys
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -58,211 +60,16 @@ from delg.data.images import ImageReadError
 from delg.errors import ProjectError
 from delg.io import atomic_path
 from loftr_tools.base import IDENTICAL_INLIERS, ImageRef, Verifier
+from loftr_tools.caches import FeatureCache, InlierCache, _json_safe, cache_identity, identity_hash
+from loftr_tools.ranking import floor_inliers, protocol_variants, reorder_topk, topk_rows
 from loftr_tools.ransac import RansacConf, ransac_inliers
 from loftr_tools.resize import is_oom, run_with_oom_retry, smaller_long_side
 
 log = logging.getLogger(__name__)
 
-PROTOCOLS = ("easy", "medium", "hard")
-
-# The one list of settings that cannot change a cached inlier count, left out of the inlier cache's identity
-# (every other key of a verifier's section is in it, see cache_identity); dotted keys are inside the section.
-NOT_IN_IDENTITY: dict[str, str] = {
-    "batch_size": "LoFTR pairs per forward: a batch of equal-size pairs gives each pair the matches it gets alone",
-    "ransac.min_inliers": "applied to the cached raw counts when reranking, so changing it rematches nothing",
-}
-
-
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, Mapping):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, (np.integer, np.floating, np.bool_)):
-        return x.item()
-    if isinstance(x, Path):
-        return str(x)
-    return x
-
-
-def cache_identity(verifier: Verifier, ransac: RansacConf) -> dict[str, Any]:
-    """Everything a cached inlier count depends on besides the two images: :meth:`Verifier.identity` (method,
-    resolved settings, weight digest / feature stores) and the RANSAC settings, minus :data:`NOT_IN_IDENTITY`."""
-    ident = _json_safe(verifier.identity())
-    ident["ransac"] = ransac.to_dict()
-    for key in NOT_IN_IDENTITY:
-        *parents, leaf = key.split(".")
-        node = ident["ransac"] if parents == ["ransac"] else ident.get("settings", {})
-        if isinstance(node, dict):
-            node.pop(leaf, None)
-    return ident
-
-
-def identity_hash(identity: Mapping[str, Any]) -> str:
-    """Short digest of :func:`cache_identity` (part of the inlier cache's file name)."""
-    return hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# caches
+# pair order
 # ---------------------------------------------------------------------------------------------------------------
-
-
-class FeatureCache:
-    """LRU cache of prepared features within a byte budget (an item larger than the budget is not kept)."""
-
-    def __init__(self, budget_bytes: int, sizeof: Callable[[Any], int]) -> None:
-        self.budget = max(0, int(budget_bytes))
-        self.sizeof = sizeof
-        self.items: OrderedDict[str, tuple[Any, int]] = OrderedDict()
-        self.nbytes = 0
-        self.hits = 0
-        self.misses = 0
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.items
-
-    def get(self, key: str) -> Any | None:
-        if key in self.items:
-            self.items.move_to_end(key)
-            self.hits += 1
-            return self.items[key][0]
-        self.misses += 1
-        return None
-
-    def put(self, key: str, feats: Any) -> None:
-        n = int(self.sizeof(feats))
-        if key in self.items:
-            self.nbytes -= self.items.pop(key)[1]
-        if n > self.budget:
-            return
-        while self.items and self.nbytes + n > self.budget:
-            self.nbytes -= self.items.popitem(last=False)[1][1]
-        self.items[key] = (feats, n)
-        self.nbytes += n
-
-
-class InlierCache:
-    """Inlier counts on disk (SQLite), keyed by (query key, database key); ``path=None`` keeps them in memory."""
-
-    def __init__(self, path: str | Path | None, tag: str = "") -> None:
-        self.path = Path(path) if path else None
-        self.mem: dict[tuple[str, str], int] = {}
-        self.db: sqlite3.Connection | None = None
-        if self.path is None:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self.db = self._connect(tag)
-        except sqlite3.DatabaseError as e:
-            # Only a cache: a damaged file (truncated, overwritten) is moved aside and the counts are recomputed.
-            from delg.store import move_aside
-
-            move_aside(self.path, f"unreadable inlier cache ({e})", "its pairs are verified again")
-            for extra in ("-wal", "-shm"):  # the damaged file's journal must not be applied to the new one
-                self.path.with_name(self.path.name + extra).unlink(missing_ok=True)
-            self.db = self._connect(tag)
-
-    def _connect(self, tag: str) -> sqlite3.Connection:
-        assert self.path is not None
-        db = sqlite3.connect(str(self.path), timeout=60)
-        try:
-            # quick_check reads every page (the cache holds top-K x queries pairs: milliseconds) and catches a
-            # truncated file, which would otherwise fail only at the first lookup of a lost page.
-            check = db.execute("PRAGMA quick_check").fetchone()
-            if not check or check[0] != "ok":
-                raise sqlite3.DatabaseError(f"integrity check: {check[0] if check else 'no answer'}")
-            # WAL + one commit per pair: a kill loses at most the pair in progress; readers never block writers.
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.execute("CREATE TABLE IF NOT EXISTS pairs (query TEXT NOT NULL, db TEXT NOT NULL, "
-                       "inliers INTEGER NOT NULL, matches INTEGER NOT NULL, PRIMARY KEY (query, db))")
-            db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
-            db.execute("INSERT OR IGNORE INTO meta VALUES ('tag', ?)", (tag,))
-            db.commit()
-        except BaseException:
-            db.close()
-            raise
-        return db
-
-    def get_many(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], int]:
-        keys = list(dict.fromkeys(keys))
-        out = {k: self.mem[k] for k in keys if k in self.mem}
-        if self.db is not None:
-            todo = {k for k in keys if k not in out}
-            by_query: dict[str, set[str]] = {}
-            for q, d in todo:
-                by_query.setdefault(q, set()).add(d)
-            for q, ds in by_query.items():
-                for d, n in self.db.execute("SELECT db, inliers FROM pairs WHERE query = ?", (q,)):
-                    if d in ds:
-                        out[(q, d)] = int(n)
-        return out
-
-    def put(self, query: str, db: str, inliers: int, matches: int) -> None:
-        self.mem[(query, db)] = int(inliers)
-        if self.db is not None:
-            self.db.execute("INSERT OR REPLACE INTO pairs VALUES (?, ?, ?, ?)", (query, db, int(inliers), int(matches)))
-            self.db.commit()
-
-    def close(self) -> None:
-        if self.db is not None:
-            self.db.close()
-            self.db = None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# ranking logic (pure functions, no images)
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def reorder_topk(ranks: np.ndarray, inliers: np.ndarray, scores: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Order the top rows of ``ranks`` by (inliers desc, global similarity desc); rows below stay as they are.
-
-    Args:
-        ranks: :math:`(R, Q)` database indices, each column a query's global ranking (best first).
-        inliers: :math:`(K, Q)` inlier counts of ``ranks[:K]``.
-        scores: :math:`(R, Q)` global similarities aligned with ``ranks``; ``None`` = the global order itself
-            (identical when ``ranks`` is sorted by similarity).
-
-    Returns:
-        ``(new_ranks, new_inliers)``: :math:`(R, Q)` and :math:`(K, Q)` (the inliers follow their images).
-    """
-    K = inliers.shape[0]
-    new = ranks.copy()
-    new_inl = inliers.copy()
-    for q in range(ranks.shape[1]):
-        sim = scores[:K, q] if scores is not None else -np.arange(K, dtype=np.float64)
-        # lexsort: last key is primary. Ties in both keep the global order (stable).
-        order = np.lexsort((np.arange(K), -sim, -inliers[:, q]))
-        new[:K, q] = ranks[:K, q][order]
-        new_inl[:, q] = inliers[order, q]
-    return new, new_inl
-
-
-def protocol_junk(gnd_q: Any, protocol: str) -> np.ndarray:
-    """Images ignored by ``protocol`` for one query (revisitop): easy -> junk+hard, medium -> junk, hard -> junk+easy."""
-    junk = [np.asarray(gnd_q.junk, dtype=np.int64).ravel()]
-    if protocol == "easy":
-        junk.append(np.asarray(gnd_q.hard, dtype=np.int64).ravel())
-    elif protocol == "hard":
-        junk.append(np.asarray(gnd_q.easy, dtype=np.int64).ravel())
-    elif protocol != "medium":
-        raise ValueError(f"unknown protocol '{protocol}' (easy | medium | hard)")
-    return np.concatenate(junk)
-
-
-def drop_junk(ranks: np.ndarray, scores: np.ndarray | None, junk: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
-    """Move each query's junk to the bottom of its column (relative order kept), scores alongside."""
-    new = np.empty_like(ranks)
-    new_s = np.empty_like(scores) if scores is not None else None
-    for q in range(ranks.shape[1]):
-        is_junk = np.isin(ranks[:, q], junk[q])
-        order = np.concatenate([np.flatnonzero(~is_junk), np.flatnonzero(is_junk)])
-        new[:, q] = ranks[order, q]
-        if scores is not None:
-            new_s[:, q] = scores[order, q]
-    return new, new_s
 
 
 def order_queries(topk: Sequence[Sequence[int]], max_greedy: int = 3000) -> list[int]:
@@ -588,15 +395,8 @@ class Reranker:
         qids = list(query_ids) if query_ids is not None else list(range(ranks.shape[1]))
         if len(qids) != ranks.shape[1]:
             raise ValueError(f"{len(qids)} query_ids for {ranks.shape[1]} columns of ranks")
-        K = max(0, min(int(top_k), ranks.shape[0]))
-
-        if junk_before_rerank:
-            variants = {}
-            for p in PROTOCOLS:
-                junk = [protocol_junk(dataset.gnd.gnd[qid], p) for qid in qids]
-                variants[p] = drop_junk(ranks, scores, junk)
-        else:
-            variants = {"all": (ranks, scores)}
+        K = topk_rows(top_k, ranks.shape[0])
+        variants = protocol_variants(ranks, scores, [dataset.gnd.gnd[q] for q in qids] if junk_before_rerank else None)
 
         pairs: dict[ImageRef, dict[str, ImageRef]] = {}
         for r, _ in variants.values():
@@ -614,9 +414,7 @@ class Reranker:
             for c, qid in enumerate(qids):
                 qk = qrefs[qid].key
                 inl[:, c] = [counts[(qk, drefs[i].key)] for i in r[:K, c]]
-            if self.min_inliers > 0:
-                inl[inl < self.min_inliers] = 0
-            out_r[name], out_i[name] = reorder_topk(r, inl, s)
+            out_r[name], out_i[name] = reorder_topk(r, floor_inliers(inl, self.min_inliers), s)
         log.info("rerank %s: %s", self.verifier.name, self.stats.summary())
         if junk_before_rerank:
             return out_r, out_i
@@ -695,7 +493,8 @@ def open_reranker(conf: Any, dataset: Any, method: str) -> Reranker:
     rc = conf.rerank
     ctx: dict[str, Any] = {}
     if method == "delg":
-        from delg.extract import distractor_locals, query_store_path, store_path
+        from delg.extract import distractor_locals
+        from delg.feature_stores import query_store_path, store_path
 
         ctx["stores"] = {"query": Path(rc.query_store) if rc.get("query_store") else query_store_path(conf, dataset),
                          "db": Path(rc.db_store) if rc.get("db_store") else store_path(conf, dataset.name, "db")}
@@ -740,12 +539,102 @@ def load_global_ranks(src: Path, n_queries: int, n_db: int) -> tuple[np.ndarray,
     return ranks, scores
 
 
+def write_reranked(
+    out_dir: str | Path,
+    method: str,
+    ranks: np.ndarray | dict[str, np.ndarray],
+    inliers: np.ndarray | dict[str, np.ndarray],
+) -> Path:
+    """The one writer of reranked rankings: ``<out_dir>/ranks/rerank-<method>.npz`` (compressed; written beside,
+    then renamed, so a killed run never leaves half a file) with ``ranks`` (R, Q) int and ``inliers`` (K, Q) int, or
+    with one ranking per protocol (``junk_before_rerank``) ``ranks_<protocol>`` / ``inliers_<protocol>``."""
+    arrays: dict[str, np.ndarray] = {}
+    for key, val in (("ranks", ranks), ("inliers", inliers)):
+        if isinstance(val, dict):
+            arrays.update({f"{key}_{p}": v for p, v in val.items()})
+        else:
+            arrays[key] = val
+    path = Path(out_dir) / "ranks" / f"rerank-{method}.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        np.savez_compressed(tmp, **arrays)
+    return path
+
+
+@dataclass
+class VerifierRun:
+    """One configured verifier's pass over the global rankings (:func:`rerank_methods`)."""
+
+    method: str
+    path: Path | None = None  # <output_dir>/ranks/rerank-<method>.npz; None when the verifier was unavailable
+    ranks: np.ndarray | dict[str, np.ndarray] | None = None  # (R, Q), or protocol -> (R, Q)
+    inliers: np.ndarray | dict[str, np.ndarray] | None = None  # (K, Q), or protocol -> (K, Q)
+    reranker: Reranker | None = None  # still open with keep_open=True (report pictures); the caller closes it
+    unavailable: str | None = None  # why the verifier cannot run here (skip_unavailable=True)
+    seconds: float = 0.0
+
+
+def rerank_methods(
+    conf: Any,
+    dataset: Any,
+    ranks: np.ndarray,
+    scores: np.ndarray | None,
+    query_ids: Sequence[int] | None = None,
+    methods: Sequence[str] | None = None,
+    skip_unavailable: bool = False,
+    keep_open: bool = False,
+) -> list[VerifierRun]:
+    """The one loop of reranking (``python -m loftr_tools.rerank`` and ``delg.retrieve``): each method of
+    ``methods`` (default ``conf.rerank.methods``) reranks the global top ``rerank.top_k`` of ``ranks`` and its
+    result is written by :func:`write_reranked`.
+
+    Args:
+        ranks: :math:`(R, Q)` global ranking; scores: :math:`(R, Q)` similarities or ``None``.
+        query_ids: dataset query index of each column (default ``range(Q)``).
+        skip_unavailable: a verifier that cannot run here (``VerifierUnavailable``) is listed with its reason
+            instead of raising.
+        keep_open: leave each :class:`Reranker` open on its :class:`VerifierRun` (the caller closes it).
+    """
+    from loftr_tools.base import VerifierUnavailable
+
+    rc = conf.rerank
+    out: list[VerifierRun] = []
+    still_open: list[Reranker] = []  # closed here on an error (a verifier's close must not run twice)
+    try:
+        for m in list(methods) if methods is not None else list(rc.methods):
+            t = time.time()
+            try:
+                rr = open_reranker(conf, dataset, m)
+            except VerifierUnavailable as e:
+                if not skip_unavailable:
+                    raise
+                print(f"[{m}] skipped: {e}")
+                out.append(VerifierRun(m, unavailable=str(e)))
+                continue
+            still_open.append(rr)
+            run = VerifierRun(m, reranker=rr)
+            out.append(run)
+            run.ranks, run.inliers = rr.rerank(dataset, ranks, scores, int(rc.top_k), bool(rc.junk_before_rerank),
+                                               query_ids=query_ids)
+            run.path = write_reranked(conf.output_dir, m, run.ranks, run.inliers)
+            if not keep_open:
+                still_open.remove(rr)
+                rr.close()
+            run.seconds = time.time() - t
+            print(f"[{m}] {rr.stats.summary()} -> {run.path}")
+    except BaseException:
+        for rr in still_open:
+            rr.close()
+        raise
+    return out
+
+
 def main(conf: Any, method: str | None = None, dataset: Any = None) -> Path:
     """Rerank the global ranking of ``conf`` with ``method`` (default: each of ``conf.rerank.methods``).
 
     Reads ``<output_dir>/ranks/global.npy`` (R, Q) and ``global_scores.npy`` (written by ``delg.search``; or
-    ``rerank.global_ranks``), writes ``<output_dir>/ranks/rerank-<method>.npz`` (``ranks`` (R, Q), ``inliers``
-    (K, Q); with ``junk_before_rerank``: ``ranks_<protocol>`` / ``inliers_<protocol>``) and returns the last file.
+    ``rerank.global_ranks``), writes ``<output_dir>/ranks/rerank-<method>.npz`` (:func:`write_reranked`) and
+    returns the last file.
     """
 
     if dataset is None:
@@ -764,25 +653,9 @@ def main(conf: Any, method: str | None = None, dataset: Any = None) -> Path:
         ranks = np.load(src)
         score_path = src.with_name(src.stem + "_scores.npy")
         scores = np.load(score_path) if score_path.is_file() else None
-    methods = [method] if method else list(rc.methods)
-    written = out_dir
     dump_config(conf, out_dir / "ranks" / "rerank.config.yaml")
-    for m in methods:
-        rr = open_reranker(conf, dataset, m)
-        try:
-            new_ranks, inliers = rr.rerank(dataset, ranks, scores, int(rc.top_k), bool(rc.junk_before_rerank))
-        finally:
-            rr.close()
-        written = out_dir / "ranks" / f"rerank-{m}.npz"
-        written.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(new_ranks, dict):
-            arrays = {f"ranks_{p}": v for p, v in new_ranks.items()} | {f"inliers_{p}": v for p, v in inliers.items()}
-        else:
-            arrays = {"ranks": new_ranks, "inliers": inliers}
-        with atomic_path(written) as tmp:
-            np.savez(tmp, **arrays)
-        print(f"{m}: {rr.stats.summary()} -> {written}")
-    return written
+    runs = rerank_methods(conf, dataset, ranks, scores, methods=[method] if method else None)
+    return runs[-1].path if runs and runs[-1].path is not None else out_dir
 
 
 if __name__ == "__main__":

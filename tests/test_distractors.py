@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import delg.extract as E
+import delg.feature_stores as FS
 from delg.config import load_config
 from delg.data.dataset import load_dataset
 from delg.store import FeatureStore
@@ -86,15 +87,15 @@ def runs(tiny_bench: Path, tmp_path_factory: pytest.TempPathFactory) -> SimpleNa
 def test_distractor_store_holds_globals_only_and_db_store_locals(runs) -> None:
     conf, ds = runs.conf_a, runs.ds_a
     assert ds.n_distractors == 6 and ds.distractor_id
-    dpath = E.distractor_store_path(conf, ds)
-    assert dpath == runs.shared / ds.distractor_id / f"{E.preset_name(conf)}-distractors.h5"
+    dpath = FS.distractor_store_path(conf, ds)
+    assert dpath == runs.shared / ds.distractor_id / f"{FS.preset_name(conf)}-distractors.h5"
     own, dis = ds.db_names[: ds.n_own], ds.db_names[ds.n_own :]
     with FeatureStore(dpath) as st:
         assert st.names() == sorted(dis)
         for n in dis:
             assert set(st.read(n)) == {"global", "image_size"}  # no local features for distractors
             assert st.read(n)["global"].dtype == np.float16
-    with FeatureStore(E.store_path(conf, ds.name, "db")) as st:
+    with FeatureStore(FS.store_path(conf, ds.name, "db")) as st:
         assert st.names() == sorted(own)  # the benchmark's own images only, with their local features
         assert st.read(own[0])["descriptors"].dtype == np.float16
         assert st.read_local(own[0])["descriptors"].dtype == np.float32
@@ -107,7 +108,7 @@ def test_distractor_store_holds_globals_only_and_db_store_locals(runs) -> None:
 
 def test_two_benchmarks_share_one_distractor_store(runs) -> None:
     assert runs.ds_b.name != runs.ds_a.name and runs.conf_b.output_dir != runs.conf_a.output_dir
-    assert E.distractor_store_path(runs.conf_b, runs.ds_b) == E.distractor_store_path(runs.conf_a, runs.ds_a)
+    assert FS.distractor_store_path(runs.conf_b, runs.ds_b) == FS.distractor_store_path(runs.conf_a, runs.ds_a)
     # B extracted its own images only (its queries are those images, read from the db store): the distractors
     # were already in the shared store
     assert runs.ds_b.n_own == 4 and runs.calls_b == [True] * 4
@@ -129,7 +130,7 @@ def test_delg_local_extracts_distractor_locals_on_demand_once(runs, monkeypatch:
     ranks = np.load(Path(conf.output_dir) / "ranks" / "global.npy")
     in_top = {ds.db_names[i] for i in ranks[:k].ravel() if i >= ds.n_own}
     assert in_top, "no distractor reached a top K: the test would prove nothing"
-    local_path = E.distractor_local_path(conf, ds)
+    local_path = FS.distractor_local_path(conf, ds)
     with FeatureStore(local_path) as st:
         assert set(st.names()) == in_top  # exactly the distractors some query verifies, not the others
     assert count.calls == [True] * len(in_top)  # each extracted once, with its local features
@@ -144,11 +145,11 @@ def test_delg_local_extracts_distractor_locals_on_demand_once(runs, monkeypatch:
     # local features are extracted up front here, through the ordinary extraction.
     conf_old = _conf(runs.tmp / "old", runs.bench, runs.dis, runs.shared / "unused")
     ds_old = replace(ds, distractor_id=None)
-    assert E.distractor_store_path(conf_old, ds_old) is None
+    assert FS.distractor_store_path(conf_old, ds_old) is None
     for split in ("db", "query"):
-        dst = E.store_path(conf_old, ds.name, split)
+        dst = FS.store_path(conf_old, ds.name, split)
         dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(E.store_path(conf, ds.name, split), dst)
+        shutil.copy(FS.store_path(conf, ds.name, split), dst)
     count.calls.clear()
     search.main(conf_old, ds_old)
     assert count.calls == [True] * ds.n_distractors
@@ -169,7 +170,7 @@ def test_paper_r1m_configs_store_float16_in_one_shared_distractor_store() -> Non
         assert Path(conf.extract.distractor_dir) == REPO / "outputs" / "paper" / "features", f.name
         if conf.model.checkpoint is None:  # the seed configs name a checkpoint file that is not here
             ds = SimpleNamespace(distractor_id="distractors-x", n_distractors=1)
-            paths[f.name] = E.distractor_store_path(conf, ds)
+            paths[f.name] = FS.distractor_store_path(conf, ds)
     # same model and settings on the two benchmarks -> the same distractor store
     assert paths["roxford5k_r1m_r50.yaml"] == paths["rparis6k_r1m_r50.yaml"]
     assert paths["roxford5k_r1m_r101.yaml"] == paths["rparis6k_r1m_r101.yaml"]
@@ -185,7 +186,7 @@ def test_disk_check_refuses_before_any_image(runs, tmp_path: Path, monkeypatch: 
     with pytest.raises(E.DiskSpaceError) as err:
         E.main(conf, runs.ds_a)
     msg = str(err.value)
-    assert "\n" not in msg and str(E.store_path(conf, runs.ds_a.name, "db").parent) in msg
+    assert "\n" not in msg and str(FS.store_path(conf, runs.ds_a.name, "db").parent) in msg
     assert "free" in msg and "need" in msg
     assert count.calls == []  # refused before the first image
     assert "need ~" in capsys.readouterr().err  # the estimate is printed

@@ -25,13 +25,10 @@ from delg.extract import (
     extract_one,
     load_model,
     main,
-    part_path,
     pil_to_tensor,
-    preset_name,
     select_local,
-    sidecar,
-    store_path,
 )
+from delg.feature_stores import part_path, preset_name, sidecar, store_path
 from delg.store import FeatureStore, store_contents
 
 REPO = Path(__file__).resolve().parent.parent

@@ -61,8 +61,22 @@ def test_colour_modes_become_rgb(tmp_path: Path) -> None:
     np.testing.assert_array_equal(out[:, :20], rgb[:, :20])  # opaque half unchanged
     assert (out[:, 20:] == 255).all()  # transparent half composited on white
 
-    Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).save(tmp_path / "i16.png")  # 16-bit grayscale
-    assert load_image(tmp_path / "i16.png").shape == (24, 40, 3)
+    # 16-bit grayscale: the loader stretches [min, max] to [0, 255] (truncating), grey in all three channels.
+    # Full range (v * 257 for every 8-bit v): each pixel comes back as v, which is also v >> 8.
+    full = np.arange(256, dtype=np.uint16).reshape(16, 16)
+    Image.fromarray(full * 257).save(tmp_path / "i16.png")
+    with Image.open(tmp_path / "i16.png") as im:
+        assert im.mode == "I;16"  # really a 16-bit file
+    out = load_image(tmp_path / "i16.png")
+    assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out, np.repeat(full.astype(np.uint8)[..., None], 3, -1))
+    # A dark image using 256 of the 65536 levels: stretched to full contrast (255 * (x - 1000) / 255 = x - 1000),
+    # not clipped to 255 (PIL's own conversion) nor wrapped modulo 256 (astype).
+    dark = np.array([[1000, 1100], [1200, 1255]], dtype=np.uint16)
+    Image.fromarray(dark).save(tmp_path / "dark16.png")
+    out = load_image(tmp_path / "dark16.png")
+    np.testing.assert_array_equal(out[..., 0], [[0, 100], [200, 255]])
+    assert (out[..., 0] == out[..., 1]).all() and (out[..., 0] == out[..., 2]).all()
 
 
 def test_unreadable_files_name_the_file(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,7 @@ def tiny_run(tiny_bench: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     return out
 
 
-def test_results_json_layout(tiny_run: Path) -> None:
+def test_results_json_layout(tiny_run: Path, tiny_bench: Path) -> None:
     res = json.loads((tiny_run / "results.json").read_text())
     assert res["dataset"] == "minibench-tiny" and res["n_queries"] == 6 and res["complete"] is True
     assert set(res["protocol"]) >= {"query_crop", "junk_before_rerank", "top_k", "checkpoint"}
@@ -58,9 +59,19 @@ def test_results_json_layout(tiny_run: Path) -> None:
     assert ver["sift"]["cache_identity"]  # it ran: the inlier cache's identity digest is recorded
     assert ver["delg"]["ransac"] == dict(defaults.delg_local.ransac) and ver["delg"]["ransac"]["model"] == "affine"
     assert ver["loftr"]["settings"]["long_side"] == defaults.loftr.long_side
+    # The numbers are those of the saved rankings: recomputed from ranks/*.np[yz] with the evaluator they match
+    # exactly (every protocol, mAP and mP@k), and reranking changed the ranking it was given.
+    from delg.data.dataset import load_dataset
+    from delg.evaluate import evaluate
+
+    gnd = load_dataset(_conf(tiny_run, tiny_bench)).gnd
+    g = np.load(tiny_run / "ranks" / "global.npy")
+    r = np.load(tiny_run / "ranks" / "rerank-sift.npz")["ranks"]
+    assert res["methods"]["global"] == evaluate(gnd, g, n_db=res["n_db"])
+    assert res["methods"]["sift"] == evaluate(gnd, r, n_db=res["n_db"])
+    assert not (g == r).all()
     for m in res["methods"].values():
-        for p in ("E", "M", "H"):
-            assert set(m[p]) == {"mAP", "mP@1", "mP@5", "mP@10"} and 0 <= m[p]["mAP"] <= 100
+        assert all(set(m[p]) == {"mAP", "mP@1", "mP@5", "mP@10"} for p in ("E", "M", "H"))
 
 
 def test_rankings_are_permutations_and_rerank_rule(tiny_run: Path) -> None:
@@ -75,11 +86,98 @@ def test_rankings_are_permutations_and_rerank_rule(tiny_run: Path) -> None:
         assert (np.diff(inl[:, q]) <= 0).all()  # ordered by inliers
 
 
-def test_report_html(tiny_run: Path) -> None:
-    html = (tiny_run / "report.html").read_text()
-    assert html.count("<section>") == 3  # report.max_queries
-    assert "query (cropped)" in html and "data:image/jpeg;base64," in html
-    assert "inl." in html and "img class='matches'" in html  # inlier counts and drawn matches
+class _ReportParser(HTMLParser):
+    """report.html as data: the results table's rows, and per query section its title, the query cell's caption
+    and per method the hits (thumbnail src, caption) and the titles of the drawn match pictures."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table: list[list[str]] = []
+        self.sections: list[dict] = []
+        self._text: list[str] | None = None  # text being collected, and where it goes
+        self._into: tuple | None = None
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        a = dict(attrs)
+        cls = a.get("class")
+        if tag == "tr":
+            self.table.append([])
+        elif tag in ("td", "h3") or (tag == "div" and cls in ("method", "cap")):
+            self._text, self._into = [], (tag, cls)
+        elif tag == "section":
+            self.sections.append({"title": None, "query": None, "methods": {}})
+        elif tag == "img" and self.sections:
+            sec = self.sections[-1]
+            if cls == "matches":
+                sec["methods"][sec["current"]]["matches"].append(a["title"])
+            elif "current" in sec:
+                sec["methods"][sec["current"]]["hits"].append([a["src"], None])
+
+    def handle_data(self, data: str) -> None:
+        if self._text is not None:
+            self._text.append(data)
+
+    def handle_endtag(self, tag: str) -> None:
+        if self._text is None or tag != self._into[0]:
+            return
+        text, (kind, cls) = "".join(self._text), self._into
+        self._text = self._into = None
+        if kind == "td":
+            self.table[-1].append(text)
+        elif kind == "h3":
+            self.sections[-1]["title"] = text
+        elif cls == "method":
+            self.sections[-1]["current"] = text
+            self.sections[-1]["methods"][text] = {"hits": [], "matches": []}
+        elif "current" not in self.sections[-1]:
+            self.sections[-1]["query"] = text  # the query cell comes before any method
+        else:
+            self.sections[-1]["methods"][self.sections[-1]["current"]]["hits"][-1][1] = text
+
+
+def test_report_html(tiny_run: Path, tiny_bench: Path) -> None:
+    from delg.data.dataset import load_dataset
+    from delg.report import _data_uri, _thumb
+
+    ds = load_dataset(_conf(tiny_run, tiny_bench))
+    res = json.loads((tiny_run / "results.json").read_text())
+    page = _ReportParser()
+    page.feed((tiny_run / "report.html").read_text())
+    # the table: one row per method, its numbers those of results.json
+    rows = {row[0]: row[1:] for row in page.table if row}
+    assert list(rows) == ["global", "sift"]
+    for m, cells in rows.items():
+        r = res["methods"][m]
+        want = [r[p]["mAP"] for p in ("E", "M", "H")] + [r["M"][k] for k in ("mP@1", "mP@5", "mP@10")]
+        assert cells == [f"{v:.2f}" for v in want], m
+    # which database image each thumbnail shows (every db image of the benchmark looks different)
+    uri_of = {}
+    for i, path in enumerate(ds.db_paths):
+        uri_of.setdefault(_data_uri(_thumb(path, None, 160)), i)
+    assert len(uri_of) == ds.n_db
+    ranks = {"global": np.load(tiny_run / "ranks" / "global.npy")}
+    z = np.load(tiny_run / "ranks" / "rerank-sift.npz")
+    ranks["sift"], inl = z["ranks"], z["inliers"]
+    assert len(page.sections) == 3  # report.max_queries
+    for q, sec in enumerate(page.sections):
+        assert sec["title"] == f"query {q}: {ds.query_names[q]}" and sec["query"] == "query (cropped)"
+        assert list(sec["methods"]) == ["global", "sift"]
+        g = ds.gnd.gnd[q]
+        for m, block in sec["methods"].items():
+            shown = [uri_of[src] for src, _ in block["hits"]]
+            assert shown == ranks[m][:10, q].tolist(), (q, m)  # report.top_n hits in ranking order
+            for pos, (db, (_, cap)) in enumerate(zip(shown, block["hits"])):
+                lab = "easy" if db in g.easy else "hard" if db in g.hard else "junk" if db in g.junk else "neg"
+                want = f"{pos + 1}. {lab}"
+                if m == "sift" and pos < 8:  # the verified top K carries its inlier count
+                    want += f" · {inl[pos, q]} inl."
+                assert cap == want, (q, m, pos)
+        # the inlier matches of sift's first report.draw_matches hits are drawn, each titled with its count
+        titles = sec["methods"]["sift"]["matches"]
+        assert len(titles) == 3 and sec["methods"]["global"]["matches"] == []
+        for pos, title in enumerate(titles):
+            if inl[pos, q] > 0:  # (a count under the verifier's min_inliers is shown as 0 in the ranking)
+                assert title == f"{inl[pos, q]} inliers", (q, pos)
 
 
 def test_rerun_reuses_features_and_inlier_cache(tiny_run: Path, tiny_bench: Path, capsys: pytest.CaptureFixture) -> None:
@@ -98,6 +196,9 @@ def test_search_with_a_new_photo(tiny_run: Path, tiny_bench: Path, capsys: pytes
     out = main(_conf(tiny_run, tiny_bench, f"query={photo}"))
     data = json.loads(out.read_text())
     assert data["verifier"] == "sift" and len(data["matches"]) >= 8
+    # the reranker's rule (loftr_tools.ranking): the verified top K (rerank.top_k=8) by (inliers, similarity) desc
+    top = [(-m["inliers"], -m["similarity"]) for m in data["matches"][:8]]
+    assert top == sorted(top) and all(m["inliers"] is None for m in data["matches"][8:])
     # the best match after verification is a positive of that query
     best = Path(data["matches"][0]["path"]).stem
     pos = {gnd["imlist"][i] for i in [*gnd["gnd"][0]["easy"], *gnd["gnd"][0]["hard"]]}

@@ -13,18 +13,10 @@ import torch
 from PIL import Image
 
 from delg.data.images import ImageReadError
-from loftr_tools.base import ImageRef, Verifier
-from loftr_tools.rerank import (
-    IDENTICAL_INLIERS,
-    FeatureCache,
-    Reranker,
-    RerankStats,
-    drop_junk,
-    order_queries,
-    protocol_junk,
-    reorder_topk,
-    rerank,
-)
+from loftr_tools.base import IDENTICAL_INLIERS, ImageRef, Verifier
+from loftr_tools.caches import FeatureCache
+from loftr_tools.ranking import drop_junk, protocol_junk, reorder_topk
+from loftr_tools.rerank import Reranker, RerankStats, order_queries, rerank
 
 RANSAC_H = {"model": "homography", "threshold": 1.0}
 
@@ -382,8 +374,8 @@ def test_every_setting_of_a_verifier_section_is_in_its_cache_identity(
     import importlib
 
     from delg.config import default_schema
+    from loftr_tools.caches import NOT_IN_IDENTITY
     from loftr_tools.registry import VERIFIERS
-    from loftr_tools.rerank import NOT_IN_IDENTITY
 
     module, cls_name, section = VERIFIERS[method]
     cls = getattr(importlib.import_module(module), cls_name)

@@ -10,7 +10,7 @@ import pytest
 from delg.config import ConfigError, load_config, parse_override
 from delg.data.dataset import RetrievalDataset
 from delg.data.revisitop import GroundTruth
-from delg.extract import extraction_settings, preset_name, split_tag, store_path
+from delg.feature_stores import extraction_settings, preset_name, split_tag, store_path
 from delg.search import _CACHE, SearchError, alpha_qe, dba_vectors, main, search_one
 from delg.store import FeatureStore
 

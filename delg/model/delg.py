@@ -21,17 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from delg.model.backbones import Backbone, ModelError, check_backbone
-from delg.model.conventions import BGR_MEAN, BGR_STD, IMAGENET_MEAN, IMAGENET_STD, INPUT_COLOURS
+from delg.model.conventions import default_stats
 from delg.model.heads import ArcFace, GlobalHead, LocalHead
 
 FORMAT_VERSION = 1
-
-
-def default_stats(colour: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """ImageNet ``(mean, std)`` in the channel order of ``colour`` ('rgb' | 'bgr')."""
-    if colour not in INPUT_COLOURS:
-        raise ModelError(f"input_colour must be one of {', '.join(INPUT_COLOURS)}, got {colour!r}")
-    return (IMAGENET_MEAN, IMAGENET_STD) if colour == "rgb" else (BGR_MEAN, BGR_STD)
 
 
 class DELG(nn.Module):

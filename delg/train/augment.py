@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from delg.model.delg import IMAGENET_MEAN, IMAGENET_STD
+from delg.model.conventions import IMAGENET_MEAN, IMAGENET_STD
 
 Norm = tuple[str, tuple[float, ...], tuple[float, ...]]
 RGB_IMAGENET: Norm = ("rgb", IMAGENET_MEAN, IMAGENET_STD)
