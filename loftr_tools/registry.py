@@ -24,6 +24,7 @@ VERIFIERS: dict[str, tuple[str, str, str]] = {
     "sift": ("loftr_tools.sift", "SiftVerifier", "sift"),
     "delg": ("loftr_tools.delg_local", "DelgLocalVerifier", "delg_local"),
     "loftr": ("loftr_tools.loftr", "LoFTRVerifier", "loftr"),
+    "xfeat": ("loftr_tools.xfeat", "XFeatLighterGlue", "xfeat"),
 }
 
 
@@ -44,7 +45,7 @@ def verifier_section(method: str) -> str:
 def build_verifier(
     method: str, conf: Mapping[str, Any] | None = None, device: torch.device | str | None = "auto", **ctx: Any
 ) -> Verifier:
-    """Build the verifier ``method`` ('lightglue', 'lightglue_aliked', 'sift', 'delg', 'loftr').
+    """Build the verifier ``method`` ('lightglue', 'lightglue_aliked', 'sift', 'delg', 'loftr', 'xfeat').
 
     Args:
         method: a key of :data:`VERIFIERS`.
