@@ -51,6 +51,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from delg.config import load_config  # noqa: E402
+from delg.devices import resolve_device  # noqa: E402
 from loftr_tools.base import ImageRef, VerifierUnavailable  # noqa: E402
 from loftr_tools.loftr import LoFTRVerifier, build_matcher, kornia_config, loftr_to_original, resolve_weights  # noqa: E402
 from loftr_tools.resize import load_resized  # noqa: E402
@@ -211,8 +212,7 @@ def main() -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     w, h = (int(x) for x in args.size.lower().split("x"))
-    dev_name = conf.device if conf.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(dev_name)
+    device = resolve_device(conf.device)
     tmp = Path(tempfile.mkdtemp(prefix="rerank_speed_"))
     details: dict[str, Any] = {"device": str(device), "torch_threads": torch.get_num_threads(), "size": [w, h]}
 

@@ -57,6 +57,7 @@ from tqdm import tqdm
 
 from delg.config import Config, ConfigError, dump_config, run_stage
 from delg.data.images import ImageReadError, load_pil, resize_max_side
+from delg.devices import resolve_device
 from delg.errors import ProjectError
 from delg.store import FeatureStore, StoreError, StoreUnion
 
@@ -341,17 +342,6 @@ def parse_shard(conf: Config) -> tuple[int, int] | None:
     return None
 
 
-def resolve_device(conf: Config) -> torch.device:
-    dev = str(conf.get("device", "auto"))
-    if dev == "auto":
-        if torch.cuda.is_available():
-            return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
-        return torch.device("cpu")
-    if dev.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device: '{dev}' asked but CUDA is not available")
-    return torch.device(dev)
-
-
 # ---------------------------------------------------------------------------------------------- the model
 def load_model(conf: Config) -> torch.nn.Module:
     """``build_model(conf.model)`` on the configured device; seeded, so untrained heads are reproducible."""
@@ -359,7 +349,7 @@ def load_model(conf: Config) -> torch.nn.Module:
 
     check_weights(conf)
     torch.manual_seed(int(conf.seed))
-    return build_model(conf.model).to(resolve_device(conf)).eval()
+    return build_model(conf.model).to(resolve_device(conf.get("device", "auto"))).eval()
 
 
 def _norm_consts(model: torch.nn.Module, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

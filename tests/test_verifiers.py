@@ -384,6 +384,27 @@ def test_one_pixel_centre_mapping() -> None:
     assert np.allclose(loftr.loftr_to_original(k + 0.5, (2.0, 3.0)), to_original(k, (2.0, 3.0)))
 
 
+def test_one_device_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Extraction, training and verifiers resolve a device by one function: auto -> cuda:LOCAL_RANK or cpu, cuda
+    without CUDA -> a ConfigError naming the value (the registry used to pass it on unchecked)."""
+    import delg.extract
+    import delg.train.trainer
+    import loftr_tools.registry
+    from delg.devices import resolve_device
+
+    assert delg.extract.resolve_device is resolve_device is loftr_tools.registry.resolve_device
+    assert delg.train.trainer.resolve_device is resolve_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu") and resolve_device(None) == torch.device("cpu")
+    for dev in ("cuda", "cuda:1"):
+        with pytest.raises(ConfigError, match=f"device: '{dev}'"):
+            loftr_tools.registry.build_verifier("sift", None, dev)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device("auto") == torch.device("cuda:1") and resolve_device("cuda") == torch.device("cuda:1")
+    assert resolve_device("cuda:0") == torch.device("cuda:0") and resolve_device("cpu") == torch.device("cpu")
+
+
 def _write_store(path: Path, trained: bool | None, items: dict[str, tuple[np.ndarray, np.ndarray]]) -> Path:
     from delg.store import FeatureStore
 
