@@ -62,7 +62,9 @@ def test_colour_modes_become_rgb(tmp_path: Path) -> None:
     assert (out[:, 20:] == 255).all()  # transparent half composited on white
 
     Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).save(tmp_path / "i16.png")  # 16-bit grayscale
-    assert load_image(tmp_path / "i16.png").shape == (24, 40, 3)
+    out = load_image(tmp_path / "i16.png")  # 16 -> 8 bits by the high byte (v * 257 -> v), not clipped at 255
+    assert out.dtype == np.uint8 and out.shape == (24, 40, 3)
+    assert np.array_equal(out[..., 0], rgb[..., 0]) and np.array_equal(out[..., 0], out[..., 2])
 
 
 def test_unreadable_files_name_the_file(tmp_path: Path) -> None:

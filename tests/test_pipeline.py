@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -35,7 +36,7 @@ def tiny_run(tiny_bench: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     return out
 
 
-def test_results_json_layout(tiny_run: Path) -> None:
+def test_results_json_layout(tiny_run: Path, tiny_bench: Path) -> None:
     res = json.loads((tiny_run / "results.json").read_text())
     assert res["dataset"] == "minibench-tiny" and res["n_queries"] == 6 and res["complete"] is True
     assert set(res["protocol"]) >= {"query_crop", "junk_before_rerank", "top_k", "checkpoint"}
@@ -58,9 +59,18 @@ def test_results_json_layout(tiny_run: Path) -> None:
     assert ver["sift"]["cache_identity"]  # it ran: the inlier cache's identity digest is recorded
     assert ver["delg"]["ransac"] == dict(defaults.delg_local.ransac) and ver["delg"]["ransac"]["model"] == "affine"
     assert ver["loftr"]["settings"]["long_side"] == defaults.loftr.long_side
-    for m in res["methods"].values():
+    # The recorded numbers are those of the saved rankings, recomputed here from the ground truth.
+    from delg.data.revisitop import read_gnd
+    from delg.evaluate import evaluate
+
+    gnd = read_gnd(tiny_bench / "gnd_minibench.pkl")
+    saved = {"global": np.load(tiny_run / "ranks" / "global.npy"),
+             "sift": np.load(tiny_run / "ranks" / "rerank-sift.npz")["ranks"]}
+    for name, m in res["methods"].items():
+        want = evaluate(gnd, saved[name], n_db=res["n_db"])
         for p in ("E", "M", "H"):
-            assert set(m[p]) == {"mAP", "mP@1", "mP@5", "mP@10"} and 0 <= m[p]["mAP"] <= 100
+            assert set(m[p]) == {"mAP", "mP@1", "mP@5", "mP@10"}
+            assert m[p] == pytest.approx(want[p], abs=1e-6), (name, p)
 
 
 def test_rankings_are_permutations_and_rerank_rule(tiny_run: Path) -> None:
@@ -79,7 +89,20 @@ def test_report_html(tiny_run: Path) -> None:
     html = (tiny_run / "report.html").read_text()
     assert html.count("<section>") == 3  # report.max_queries
     assert "query (cropped)" in html and "data:image/jpeg;base64," in html
-    assert "inl." in html and "img class='matches'" in html  # inlier counts and drawn matches
+    # The table shows results.json's numbers; each shown query's SIFT row carries its reranked inlier counts in
+    # rank order, and the matches pictures of the top hits draw exactly those inliers.
+    res = json.loads((tiny_run / "results.json").read_text())
+    table = html.split("<table class='res'>")[1].split("</table>")[0]
+    for name, m in res["methods"].items():
+        row = table.split(f"<tr><td>{name}</td>")[1].split("</tr>")[0]
+        assert row == "".join(f"<td>{v:.2f}</td>" for v in (m["E"]["mAP"], m["M"]["mAP"], m["H"]["mAP"],
+                                                              m["M"]["mP@1"], m["M"]["mP@5"], m["M"]["mP@10"]))
+    inl = np.load(tiny_run / "ranks" / "rerank-sift.npz")["inliers"]
+    for q, section in enumerate(html.split("<section>")[1:]):
+        sift_row = section.split("<div class='method'>sift</div>")[1].split("<div class='method'>")[0]
+        assert [int(n) for n in re.findall(r"· (\d+) inl\.", sift_row)] == inl[:8, q].tolist(), q
+        drawn = re.findall(r"img class='matches' src='[^']*' title='(\d+) inliers'", sift_row)
+        assert [int(n) for n in drawn] == inl[:3, q].tolist(), q  # report.draw_matches: the top 3
 
 
 def test_rerun_reuses_features_and_inlier_cache(tiny_run: Path, tiny_bench: Path, capsys: pytest.CaptureFixture) -> None:
