@@ -61,10 +61,12 @@ def test_colour_modes_become_rgb(tmp_path: Path) -> None:
     np.testing.assert_array_equal(out[:, :20], rgb[:, :20])  # opaque half unchanged
     assert (out[:, 20:] == 255).all()  # transparent half composited on white
 
-    Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).save(tmp_path / "i16.png")  # 16-bit grayscale
-    out = load_image(tmp_path / "i16.png")  # 16 -> 8 bits by the high byte (v * 257 -> v), not clipped at 255
-    assert out.dtype == np.uint8 and out.shape == (24, 40, 3)
-    assert np.array_equal(out[..., 0], rgb[..., 0]) and np.array_equal(out[..., 0], out[..., 2])
+    v16 = rgb[..., 0].astype(np.uint16) * 257
+    Image.fromarray(v16).save(tmp_path / "i16.png")  # 16-bit grayscale
+    out = load_image(tmp_path / "i16.png")  # the image's own range stretched to 0..255 (not clipped at 255)
+    want = (255 * (v16 - v16.min()) / (v16.max() - v16.min())).astype(np.uint8)
+    assert out.dtype == np.uint8 and out.shape == (24, 40, 3) and out.min() == 0 and out.max() == 255
+    assert np.array_equal(out[..., 0], want) and np.array_equal(out[..., 0], out[..., 2])
 
 
 def test_unreadable_files_name_the_file(tmp_path: Path) -> None:
