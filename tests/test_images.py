@@ -64,7 +64,8 @@ def test_colour_modes_become_rgb(tmp_path: Path) -> None:
     v16 = rgb[..., 0].astype(np.uint16) * 257
     Image.fromarray(v16).save(tmp_path / "i16.png")  # 16-bit grayscale
     out = load_image(tmp_path / "i16.png")  # the image's own range stretched to 0..255 (not clipped at 255)
-    want = (255 * (v16 - v16.min()) / (v16.max() - v16.min())).astype(np.uint8)
+    a = v16.astype(np.float64)
+    want = (255 * (a - a.min()) / (a.max() - a.min())).astype(np.uint8)
     assert out.dtype == np.uint8 and out.shape == (24, 40, 3) and out.min() == 0 and out.max() == 255
     assert np.array_equal(out[..., 0], want) and np.array_equal(out[..., 0], out[..., 2])
 
