@@ -1,6 +1,6 @@
 """One-pass multi-scale DELG extraction into resumable HDF5 feature stores.
 
-For every image (queries cropped to their bbx), resized so its long side is at most ``extract.max_size``, the
+For every image (queries cropped to their bbx), resized so its long side is at most ``extract.long_side``, the
 model runs once per scale of ``extract.scales``; scales of ``extract.global_scales`` ask for both heads (the
 stride-16 map is shared), the others stop the backbone at stride 16.  The global descriptor is the L2-normalised
 sum of the per-scale ones (``extract.global_aggregation``: each L2-normalised first, as DELG, or raw, as the seed);
@@ -81,7 +81,7 @@ RESIZES = ("antialias", "cv2_bilinear")
 class ExtractSettings:
     scales: tuple[float, ...]
     global_scales: tuple[float, ...]
-    max_size: int | None
+    long_side: int | None  # extract.long_side: the long side in pixels, as the verifiers' long_side
     local: bool
     max_keypoints: int
     attention_threshold: float
@@ -109,7 +109,7 @@ class ExtractSettings:
         return cls(
             scales=scales,
             global_scales=gscales,
-            max_size=x["max_size"],
+            long_side=x["long_side"],
             local=x["local"],
             max_keypoints=x["max_keypoints"],
             attention_threshold=float(thr if thr is not None else -np.inf),
@@ -198,7 +198,9 @@ def extraction_settings(conf: Config, split: str | None = None) -> dict[str, Any
         "model": model,
         "scales": list(xs.scales),
         "global_scales": list(xs.global_scales),
-        "max_size": xs.max_size,
+        # Named max_size here (the key's name before it became extract.long_side): this dict is hashed into every
+        # store preset, so stores extracted before the rename keep their names and stay valid.
+        "max_size": xs.long_side,
         "local": xs.local,
         "float16": bool(conf.extract.float16),
         "global_aggregation": xs.global_aggregation,
@@ -215,7 +217,7 @@ def extraction_settings(conf: Config, split: str | None = None) -> dict[str, Any
 
 
 def preset_name(conf: Config) -> str:
-    """``feats-<backbone>-<weights>-s<n scales>-<max_size>-<hash>``, e.g. ``feats-resnet50-imagenet-s7-1024-3f2a9c1b``.
+    """``feats-<backbone>-<weights>-s<n scales>-<long_side>-<hash>``, e.g. ``feats-resnet50-imagenet-s7-1024-3f2a9c1b``.
 
     ``weights`` is ``ckpt<digest>`` (a checkpoint), ``imagenet`` or ``random``; the hash covers every setting of
     :func:`extraction_settings`, so different settings never share a file.
@@ -507,10 +509,10 @@ def extract_multiscale(
 
     Args:
         model: a :class:`delg.model.DELG` (or anything with ``extract``, ``keypoint_centers``, ``mean``, ``std``).
-        image: (3, H, W) uint8 (or float in [0, 1]) RGB, already limited to ``max_size`` (channels are put in the
+        image: (3, H, W) uint8 (or float in [0, 1]) RGB, already limited to ``long_side`` (channels are put in the
             model's ``input_colour`` order here).
         settings: scales, global scales, aggregation, resize, keypoint budget and selection.
-        orig_size: (w, h) of the image the keypoints refer to (before the ``max_size`` resize); default (W, H).
+        orig_size: (w, h) of the image the keypoints refer to (before the ``long_side`` resize); default (W, H).
         mixed_precision: autocast on CUDA (ignored on CPU).
 
     Returns:
@@ -580,10 +582,10 @@ def extract_one(model: torch.nn.Module, image_pil: Image.Image, conf: Config) ->
 
 
 def _load_resized(im: Image.Image, xs: ExtractSettings) -> torch.Tensor:
-    """RGB PIL image -> (3, H, W) uint8 limited to ``max_size``, resized as ``extract.resize`` says."""
+    """RGB PIL image -> (3, H, W) uint8 limited to ``long_side``, resized as ``extract.resize`` says."""
     if xs.resize == "cv2_bilinear":
-        return torch.from_numpy(np.ascontiguousarray(resize_max_side_cv2(im, xs.max_size))).permute(2, 0, 1).contiguous()
-    return pil_to_tensor(resize_max_side(im, xs.max_size))
+        return torch.from_numpy(np.ascontiguousarray(resize_max_side_cv2(im, xs.long_side))).permute(2, 0, 1).contiguous()
+    return pil_to_tensor(resize_max_side(im, xs.long_side))
 
 
 # ---------------------------------------------------------------------------------------------- input pipeline

@@ -105,7 +105,7 @@ class Extract(Section):
     global_scales: Annotated[list[PosFloat], Field(min_length=1)]
     global_aggregation: Literal["l2_per_scale", "sum"]
     resize: Literal["antialias", "cv2_bilinear"]
-    max_size: Annotated[int, Field(ge=16)] | None  # null = full size; a handful of pixels is never meant
+    long_side: Annotated[int, Field(ge=16)] | None  # null = full size; a handful of pixels is never meant
     local: bool
     max_keypoints: PosInt
     attention_threshold: Float | None
