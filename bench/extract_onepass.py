@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads) if args.threads else None
     conf = load_config(None, [
         f"model.backbone={args.backbone}", "model.pretrained=false", "model.random_weights=true", "device=cpu",
-        f"extract.max_size={args.max_size}", f"extract.max_keypoints={args.max_keypoints}",
+        f"extract.long_side={args.max_size}", f"extract.max_keypoints={args.max_keypoints}",
     ])
     xs = ExtractSettings.from_conf(conf)
     model = load_model(conf)

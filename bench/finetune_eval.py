@@ -1,7 +1,7 @@
 """Does fine-tuning help?  Off-the-shelf vs CE vs SupCon DELG global descriptors, revisitop E/M/H mAP.
 
 Global descriptors as the pipeline extracts them (``delg.extract.extract_multiscale``, global head only): the image
-downscaled to long side ``--max-side`` (default 384, configs/demo.yaml's ``extract.max_size``), one pass per scale
+downscaled to long side ``--max-side`` (default 384, configs/demo.yaml's ``extract.long_side``), one pass per scale
 of ``--scales`` (default 0.7071,1,1.4142, delg/conf/extract.yaml's ``global_scales``), the L2-normalised sum;
 ``--scales 1`` is single scale.  Queries cropped to their box, exhaustive cosine ranking, ``delg.evaluate.evaluate``.
 Two benchmarks: the embedded benchmark's test split (synthetic scenes, same domain as its training split, disjoint
@@ -40,7 +40,7 @@ def global_descriptors(model: DELG, paths: list[Path], crops: list, settings: Ex
     """(N, D) L2-normalised global descriptors of the images ``paths`` (cropped to ``crops``, None = whole)."""
     out = []
     for p, c in tqdm(list(zip(paths, crops)), desc=desc, leave=False):
-        im = resize_max_side(load_pil(p, c), settings.max_size)
+        im = resize_max_side(load_pil(p, c), settings.long_side)
         x = torch.from_numpy(np.array(im)).permute(2, 0, 1)  # (3, H, W) uint8
         out.append(extract_multiscale(model, x, settings)["global"])
     return np.stack(out)
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> Path:
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)  # a shared CPU: more threads than free cores spin and slow down
     scales = tuple(float(v) for v in a.scales.split(","))
-    settings = ExtractSettings(scales=scales, global_scales=scales, max_size=a.max_side, local=False,
+    settings = ExtractSettings(scales=scales, global_scales=scales, long_side=a.max_side, local=False,
                                max_keypoints=1, attention_threshold=0.0)
 
     models = {"off-the-shelf": load_config(None, []).model}

@@ -65,9 +65,9 @@ def extraction_cost(backbone: str, size: int) -> dict[str, float]:
     model = DELG(backbone=backbone, pretrained=False, whiten_dim=2048, local_dim=128, trained_global=True,
                  trained_local=True).eval()
     img = synthetic_image(size, round(size * ASPECT))
-    conf = load_config(None, ["device=cpu", f"extract.max_size={size}"])
+    conf = load_config(None, ["device=cpu", f"extract.long_side={size}"])
     full = ExtractSettings.from_conf(conf)
-    glob = ExtractSettings.from_conf(load_config(None, ["device=cpu", f"extract.max_size={size}", "extract.local=false",
+    glob = ExtractSettings.from_conf(load_config(None, ["device=cpu", f"extract.long_side={size}", "extract.local=false",
                                                         "extract.scales=[0.7071, 1.0, 1.4142]"]))
     s_full, f_full = timed_flops(lambda: extract_multiscale(model, img, full))
     s_glob, f_glob = timed_flops(lambda: extract_multiscale(model, img, glob))

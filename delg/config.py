@@ -85,6 +85,8 @@ RENAMED = {"search.depth": "it is now 'ranks.depth'",
            # Each verifier has its own RANSAC (its keypoints' precision differs: DELG's sit on a stride-16 grid).
            "ransac": "moved: each verifier has its own, '<verifier section>.ransac.*' (loftr.ransac, lightglue.ransac, "
                      "sift.ransac, delg_local.ransac)",
+           # One name for "long side in pixels", as the verifiers' long_side (lightglue.long_side, sift.long_side ...).
+           "extract.max_size": "renamed: 'extract.long_side' (same meaning and values)",
            "rerank.min_inliers": "moved: '<verifier section>.ransac.min_inliers' (e.g. lightglue.ransac.min_inliers)"}
 
 

@@ -1,6 +1,6 @@
 """One-pass multi-scale DELG extraction into resumable HDF5 feature stores.
 
-For every image (queries cropped to their bbx), resized so its long side is at most ``extract.max_size``, the
+For every image (queries cropped to their bbx), resized so its long side is at most ``extract.long_side``, the
 model runs once per scale of ``extract.scales``; scales of ``extract.global_scales`` ask for both heads (the
 stride-16 map is shared), the others stop the backbone at stride 16.  The global descriptor is the L2-normalised
 sum of the per-scale ones (``extract.global_aggregation``: each L2-normalised first, as DELG, or raw, as the seed);
@@ -58,6 +58,7 @@ from tqdm import tqdm
 
 from delg.config import Config, ConfigError, dump_config, run_stage
 from delg.data.images import ImageReadError, load_pil, resize_max_side
+from delg.devices import resolve_device
 from delg.errors import ProjectError
 from delg.feature_stores import (
     SCALE_TOL,
@@ -108,17 +109,6 @@ def parse_shard(conf: Config) -> tuple[int, int] | None:
     return None
 
 
-def resolve_device(conf: Config) -> torch.device:
-    dev = str(conf.get("device", "auto"))
-    if dev == "auto":
-        if torch.cuda.is_available():
-            return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
-        return torch.device("cpu")
-    if dev.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device: '{dev}' asked but CUDA is not available")
-    return torch.device(dev)
-
-
 # ---------------------------------------------------------------------------------------------- the model
 def load_model(conf: Config) -> torch.nn.Module:
     """``build_model(conf.model)`` on the configured device; seeded, so untrained heads are reproducible."""
@@ -126,7 +116,7 @@ def load_model(conf: Config) -> torch.nn.Module:
 
     check_weights(conf)
     torch.manual_seed(int(conf.seed))
-    return build_model(conf.model).to(resolve_device(conf)).eval()
+    return build_model(conf.model).to(resolve_device(conf.get("device", "auto"))).eval()
 
 
 def _norm_consts(model: torch.nn.Module, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -284,10 +274,10 @@ def extract_multiscale(
 
     Args:
         model: a :class:`delg.model.DELG` (or anything with ``extract``, ``keypoint_centers``, ``mean``, ``std``).
-        image: (3, H, W) uint8 (or float in [0, 1]) RGB, already limited to ``max_size`` (channels are put in the
+        image: (3, H, W) uint8 (or float in [0, 1]) RGB, already limited to ``long_side`` (channels are put in the
             model's ``input_colour`` order here).
         settings: scales, global scales, aggregation, resize, keypoint budget and selection.
-        orig_size: (w, h) of the image the keypoints refer to (before the ``max_size`` resize); default (W, H).
+        orig_size: (w, h) of the image the keypoints refer to (before the ``long_side`` resize); default (W, H).
         mixed_precision: autocast on CUDA (ignored on CPU).
 
     Returns:
@@ -357,10 +347,10 @@ def extract_one(model: torch.nn.Module, image_pil: Image.Image, conf: Config) ->
 
 
 def _load_resized(im: Image.Image, xs: ExtractSettings) -> torch.Tensor:
-    """RGB PIL image -> (3, H, W) uint8 limited to ``max_size``, resized as ``extract.resize`` says."""
+    """RGB PIL image -> (3, H, W) uint8 limited to ``long_side``, resized as ``extract.resize`` says."""
     if xs.resize == "cv2_bilinear":
-        return torch.from_numpy(np.array(resize_max_side_cv2(im, xs.max_size), dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
-    return pil_to_tensor(resize_max_side(im, xs.max_size))
+        return torch.from_numpy(np.array(resize_max_side_cv2(im, xs.long_side), dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+    return pil_to_tensor(resize_max_side(im, xs.long_side))
 
 
 # ---------------------------------------------------------------------------------------------- input pipeline

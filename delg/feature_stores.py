@@ -41,7 +41,7 @@ class ExtractError(ProjectError, ValueError):
 class ExtractSettings:
     scales: tuple[float, ...]
     global_scales: tuple[float, ...]
-    max_size: int | None
+    long_side: int | None  # extract.long_side: the long side in pixels, as the verifiers' long_side
     local: bool
     max_keypoints: int
     attention_threshold: float
@@ -69,7 +69,7 @@ class ExtractSettings:
         return cls(
             scales=scales,
             global_scales=gscales,
-            max_size=x["max_size"],
+            long_side=x["long_side"],
             local=x["local"],
             max_keypoints=x["max_keypoints"],
             attention_threshold=float(thr if thr is not None else -np.inf),
@@ -158,7 +158,9 @@ def extraction_settings(conf: Config, split: str | None = None) -> dict[str, Any
         "model": model,
         "scales": list(xs.scales),
         "global_scales": list(xs.global_scales),
-        "max_size": xs.max_size,
+        # Named max_size here (the key's name before it became extract.long_side): this dict is hashed into every
+        # store preset, so stores extracted before the rename keep their names and stay valid.
+        "max_size": xs.long_side,
         "local": xs.local,
         "float16": bool(conf.extract.float16),
         "global_aggregation": xs.global_aggregation,
@@ -175,7 +177,7 @@ def extraction_settings(conf: Config, split: str | None = None) -> dict[str, Any
 
 
 def preset_name(conf: Config) -> str:
-    """``feats-<backbone>-<weights>-s<n scales>-<max_size>-<hash>``, e.g. ``feats-resnet50-imagenet-s7-1024-3f2a9c1b``.
+    """``feats-<backbone>-<weights>-s<n scales>-<long_side>-<hash>``, e.g. ``feats-resnet50-imagenet-s7-1024-3f2a9c1b``.
 
     ``weights`` is ``ckpt<digest>`` (a checkpoint), ``imagenet`` or ``random``; the hash covers every setting of
     :func:`extraction_settings`, so different settings never share a file.

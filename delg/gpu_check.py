@@ -113,7 +113,7 @@ def bench_extraction(device: torch.device, size: tuple[int, int], n: int, amp: b
     from delg.extract import ExtractSettings, extract_multiscale
     from delg.model import build_model
 
-    conf = load_config(None, [f"model.backbone={backbone}", "model.pretrained=false", f"extract.max_size={max(size)}"])
+    conf = load_config(None, [f"model.backbone={backbone}", "model.pretrained=false", f"extract.long_side={max(size)}"])
     model = build_model(conf.model).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)

@@ -99,7 +99,7 @@ def retrieval_overrides(sizes: Sizes) -> list[str]:
     """Overrides that shrink a retrieval config to stand-in scale (image sizes, scales, top-K, report)."""
     s = sizes.long_side
     return [
-        f"extract.max_size={max(s, sizes.query_long_side)}",
+        f"extract.long_side={max(s, sizes.query_long_side)}",
         "extract.scales=[0.7071,1.0]",  # 2 of the 7 scales: the pyramid and the local/global split still run
         "extract.global_scales=[1.0]",
         "extract.max_keypoints=100",

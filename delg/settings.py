@@ -49,8 +49,8 @@ Shard = Annotated[str, Field(pattern=r"^\s*\d+\s*/\s*\d+\s*$"), Allowed("'i/n' (
 # LightGlue's adaptive depth / width: a confidence in (0, 1], or -1 to disable
 LGConfidence = Literal[-1] | Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
 
-METHODS = ("lightglue", "lightglue_aliked", "sift", "delg", "loftr")  # == loftr_tools.registry.VERIFIERS (tested)
-Method = Literal["lightglue", "lightglue_aliked", "sift", "delg", "loftr"]
+METHODS = ("lightglue", "lightglue_aliked", "sift", "delg", "loftr", "xfeat")  # == loftr_tools.registry.VERIFIERS (tested)
+Method = Literal["lightglue", "lightglue_aliked", "sift", "delg", "loftr", "xfeat"]
 
 
 class Section(BaseModel):
@@ -105,7 +105,7 @@ class Extract(Section):
     global_scales: Annotated[list[PosFloat], Field(min_length=1)]
     global_aggregation: Literal["l2_per_scale", "sum"]
     resize: Literal["antialias", "cv2_bilinear"]
-    max_size: Annotated[int, Field(ge=16)] | None  # null = full size; a handful of pixels is never meant
+    long_side: Annotated[int, Field(ge=16)] | None  # null = full size; a handful of pixels is never meant
     local: bool
     max_keypoints: PosInt
     attention_threshold: Float | None
@@ -137,6 +137,7 @@ class LoFTR(Section):
     temp_bug_fix: bool
     long_side: Annotated[int, Field(ge=16)]
     match_threshold: Fraction
+    mixed_precision: bool
     batch_size: PosInt | None
     ransac: VerifierRansac
 
@@ -215,6 +216,17 @@ class Sift(Section):
     ransac: VerifierRansac
 
 
+class XFeat(Section):
+    long_side: Annotated[int, Field(ge=32)]
+    max_keypoints: PosInt
+    detection_threshold: NonNegFloat
+    filter_threshold: Fraction
+    depth_confidence: LGConfidence
+    width_confidence: LGConfidence
+    mixed_precision: bool
+    ransac: VerifierRansac
+
+
 class Train(Section):
     data: Literal["minibench", "gldv2"]
     csv: Path_ | None
@@ -252,7 +264,7 @@ class Train(Section):
 SECTIONS: dict[str, type[Section]] = {
     "": Base, "dataset": Dataset, "delg_local": DelgLocal, "extract": Extract, "lightglue": LightGlue,
     "loftr": LoFTR, "loss": Loss, "model": Model, "ranks": Ranks, "report": Report,
-    "rerank": Rerank, "search": Search, "sift": Sift, "train": Train,
+    "rerank": Rerank, "search": Search, "sift": Sift, "train": Train, "xfeat": XFeat,
 }
 
 

@@ -49,7 +49,7 @@ class DelgLocalVerifier(Verifier):
 
     def __init__(
         self,
-        conf: dict[str, Any] | None = None,
+        conf: Mapping[str, Any] | None = None,
         device: torch.device | str = "cpu",
         stores: Mapping[str, str | Path] | None = None,
         on_demand: Any = None,
@@ -78,13 +78,15 @@ class DelgLocalVerifier(Verifier):
         return self._stores[which]
 
     def close(self) -> None:
+        """Close the feature store files."""
         for st in self._stores.values():
             st.close()
         self._stores.clear()
 
-    def prepare(self, ref: ImageRef) -> dict[str, np.ndarray]:
+    def prepare(self, ref: ImageRef, size_factor: float = 1.0) -> dict[str, np.ndarray]:
         """Stored ``keypoints`` :math:`(N, 2)` float32 xy (original, cropped pixels) and L2-normalised
-        ``descriptors`` :math:`(N, d)` float32 of ``ref`` (``ref.key`` starting with 'query/' reads the query store)."""
+        ``descriptors`` :math:`(N, d)` float32 of ``ref`` (``ref.key`` starting with 'query/' reads the query store).
+        ``size_factor`` is unused: stored features have no image size to lower."""
         which = "query" if ref.key.startswith("query/") else "db"
         st = self._store(which)
         from_demand = which == "db" and not st.has(ref.name) and self.on_demand is not None and self.on_demand.covers(ref.name)

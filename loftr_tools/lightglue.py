@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from loftr_tools.base import ImageRef, Verifier, VerifierUnavailable
-from loftr_tools.resize import Resized, load_resized
+from loftr_tools.resize import Resized, load_resized, scaled_long_side, to_original
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +92,22 @@ def build_lightglue(features: str, **conf: Any) -> torch.nn.Module:
     """
     from kornia.feature import LightGlue
 
-    arch = {k: v for k, v in LightGlue.features[features].items() if k != "weights"}
-    model = LightGlue(features=None, **{**conf, **arch, "weights": None})
+    model = LightGlue(features=None, **{**conf, **lightglue_architecture(features), "weights": None})
     fname = f"{features}_lightglue.pth"
     load_strict(model, rename_lightglue_keys(_load_file(fname)), str(weights_dir() / fname))
     return model.eval()
+
+
+# Keys of kornia's ``LightGlue.features[<name>]`` that describe the network the weights fit; the others there
+# (xfeat's filter_threshold, depth/width_confidence) are matcher defaults, which our settings own.
+_ARCH_KEYS = ("input_dim", "descriptor_dim", "n_layers", "num_heads", "add_scale_ori", "add_laf", "scale_coef")
+
+
+def lightglue_architecture(features: str) -> dict[str, Any]:
+    """The architecture settings of kornia's LightGlue for ``features`` ('disk', 'aliked', 'xfeat', ...)."""
+    from kornia.feature import LightGlue
+
+    return {k: v for k, v in LightGlue.features[features].items() if k in _ARCH_KEYS}
 
 
 
@@ -111,21 +123,29 @@ class _LightGlueVerifier(Verifier):
         "depth_confidence": 0.95,
         "width_confidence": 0.99,
         "mixed_precision": True,
+        "disk_weights": "depth",
+        "disk_nms_window": 5,
+        "aliked_model": "aliked-n16",
+        "aliked_detection_threshold": 0.0,
+        "aliked_nms_radius": 2,
     }
 
-    def __init__(self, conf: dict[str, Any] | None = None, device: torch.device | str = "cpu") -> None:
+    def __init__(self, conf: Mapping[str, Any] | None = None, device: torch.device | str = "cpu") -> None:
         super().__init__(conf, device)
         # Mixed precision only on CUDA: CPU autocast (bfloat16) is slower and less accurate here.
         self.amp = bool(self.conf["mixed_precision"]) and self.device.type == "cuda"
         self.extractor = self._build_extractor().to(self.device).eval()
-        self.matcher = build_lightglue(
-            self.features,
+        self.matcher = self._build_matcher(
             filter_threshold=float(self.conf["filter_threshold"]),
             depth_confidence=float(self.conf["depth_confidence"]),
             width_confidence=float(self.conf["width_confidence"]),
             mp=self.amp,
             flash=self.device.type == "cuda",
         ).to(self.device)
+
+    def _build_matcher(self, **conf: Any) -> torch.nn.Module:
+        """The LightGlue matcher of ``self.features`` with its packaged weights (``conf``: matcher settings)."""
+        return build_lightglue(self.features, **conf)
 
     def _build_extractor(self) -> torch.nn.Module:
         raise NotImplementedError
@@ -135,14 +155,14 @@ class _LightGlueVerifier(Verifier):
         raise NotImplementedError
 
     @torch.inference_mode()
-    def prepare(self, ref: ImageRef) -> dict[str, Any]:
-        """Keypoints and descriptors of one image.
+    def prepare(self, ref: ImageRef, size_factor: float = 1.0) -> dict[str, Any]:
+        """Keypoints and descriptors of one image (at ``size_factor`` times ``long_side``, see the base class).
 
         Returns:
             ``keypoints`` :math:`(N, 2)` float32 xy in the resized image, ``descriptors`` :math:`(N, D)`,
             ``image_size`` :math:`(2,)` (w, h) of the resized image, ``scale`` (sx, sy) back to the original.
         """
-        r: Resized = load_resized(ref, self.conf["long_side"], self.multiple)
+        r: Resized = load_resized(ref, scaled_long_side(self.conf["long_side"], size_factor), self.multiple)
         img = r.tensor(self.device)
         with torch.autocast(device_type=self.device.type, enabled=self.amp):
             kpts, desc = self._extract(img)
@@ -170,7 +190,7 @@ class _LightGlueVerifier(Verifier):
             return empty, empty
         k0 = f0["keypoints"][m[:, 0]].cpu().numpy()
         k1 = f1["keypoints"][m[:, 1]].cpu().numpy()
-        return _to_original(k0, f0["scale"]), _to_original(k1, f1["scale"])
+        return to_original(k0, f0["scale"]), to_original(k1, f1["scale"])
 
     def cache_tag(self) -> str:
         c = self.conf
@@ -179,11 +199,6 @@ class _LightGlueVerifier(Verifier):
 
     def _extra_tag(self) -> str:
         return ""
-
-
-def _to_original(pts: np.ndarray, scale: tuple[float, float]) -> np.ndarray:
-    # Same pixel-centre mapping as Resized.to_original.
-    return ((pts.astype(np.float64) + 0.5) * np.asarray(scale) - 0.5).astype(np.float32)
 
 
 class DiskLightGlue(_LightGlueVerifier):
@@ -196,7 +211,7 @@ class DiskLightGlue(_LightGlueVerifier):
     def _build_extractor(self) -> torch.nn.Module:
         from kornia.feature import DISK
 
-        fname = f"disk-{self.conf.get('disk_weights', 'depth')}-save.pth"
+        fname = f"disk-{self.conf['disk_weights']}-save.pth"
         state = _load_file(fname)
         if "extractor" not in state:
             raise WeightsError(f"{weights_dir() / fname}: no 'extractor' entry (keys: {list(state)[:5]})")
@@ -205,12 +220,12 @@ class DiskLightGlue(_LightGlueVerifier):
         return disk
 
     def _extract(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f = self.extractor(image, n=int(self.conf["max_keypoints"]), window_size=int(self.conf.get("disk_nms_window", 5)),
+        f = self.extractor(image, n=int(self.conf["max_keypoints"]), window_size=int(self.conf["disk_nms_window"]),
                            score_threshold=0.0, pad_if_not_divisible=True)[0]
         return f.keypoints, f.descriptors
 
     def _extra_tag(self) -> str:
-        return f"-{self.conf.get('disk_weights', 'depth')}"
+        return f"-{self.conf['disk_weights']}"
 
 
 class AlikedLightGlue(_LightGlueVerifier):
@@ -223,10 +238,10 @@ class AlikedLightGlue(_LightGlueVerifier):
     def _build_extractor(self) -> torch.nn.Module:
         from kornia.feature import ALIKED
 
-        model_name = str(self.conf.get("aliked_model", "aliked-n16"))
+        model_name = str(self.conf["aliked_model"])
         aliked = ALIKED(model_name=model_name, max_num_keypoints=int(self.conf["max_keypoints"]),
-                        detection_threshold=float(self.conf.get("aliked_detection_threshold", 0.0)),
-                        nms_radius=int(self.conf.get("aliked_nms_radius", 2)))
+                        detection_threshold=float(self.conf["aliked_detection_threshold"]),
+                        nms_radius=int(self.conf["aliked_nms_radius"]))
         fname = f"{model_name}.pth"
         load_strict(aliked, _load_file(fname), str(weights_dir() / fname))
         return aliked
@@ -236,4 +251,4 @@ class AlikedLightGlue(_LightGlueVerifier):
         return f.keypoints, f.descriptors
 
     def _extra_tag(self) -> str:
-        return f"-{self.conf.get('aliked_model', 'aliked-n16')}-th{float(self.conf.get('aliked_detection_threshold', 0.0)):g}"
+        return f"-{self.conf['aliked_model']}-th{float(self.conf['aliked_detection_threshold']):g}"

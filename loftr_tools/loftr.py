@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from delg.config import REPO_ROOT
 from delg.errors import ProjectError
 from loftr_tools.base import ImageRef, Verifier, VerifierUnavailable
-from loftr_tools.resize import load_resized
+from loftr_tools.resize import load_resized, scaled_long_side, to_original
 
 DEFAULT_WEIGHTS = "loftr_tools/weights/outdoor_ds.ckpt"
 # Coarse similarity matrices of a batch of pairs are (B, L, S) float32, and coarse matching holds about three of
@@ -172,7 +172,7 @@ class LoFTRVerifier(Verifier):
         "mixed_precision": True,
     }
 
-    def __init__(self, conf: dict[str, Any] | None = None, device: torch.device | str = "cpu") -> None:
+    def __init__(self, conf: Mapping[str, Any] | None = None, device: torch.device | str = "cpu") -> None:
         super().__init__(conf, device)
         self.weights = resolve_weights(self.conf["weights"])
         if not self.weights.is_file():
@@ -182,10 +182,9 @@ class LoFTRVerifier(Verifier):
                 f"(with loftr.temp_bug_fix=true for *_new checkpoints); see loftr_tools/weights/README.md"
             )
         self.amp = bool(self.conf["mixed_precision"]) and self.device.type == "cuda"
-        if self.conf.get("batch_size") is None:
-            # Batching pairs pays on a GPU; on CPU it was measured slower (the (B, L, S) similarity matrices leave
-            # the cache), so pairs go one at a time there unless batch_size is set explicitly.
-            self.conf["batch_size"] = 8 if self.device.type == "cuda" else 1
+        # Batching pairs pays on a GPU; on CPU it was measured slower (the (B, L, S) similarity matrices leave
+        # the cache), so pairs go one at a time there unless batch_size is set explicitly.
+        self._batch_size = int(self.conf["batch_size"] or (8 if self.device.type == "cuda" else 1))
         # The cache holds float16 maps under CUDA autocast (half the memory); float32 otherwise.
         self.feat_dtype = torch.float16 if self.amp else torch.float32
         self.matcher = build_matcher(self.weights, self.conf).to(self.device)
@@ -199,8 +198,8 @@ class LoFTRVerifier(Verifier):
 
     # ------------------------------------------------------------------------------------------------ per image
     @torch.inference_mode()
-    def prepare(self, ref: ImageRef) -> dict[str, Any]:
-        """Per-image features (cached by the reranker).
+    def prepare(self, ref: ImageRef, size_factor: float = 1.0) -> dict[str, Any]:
+        """Per-image features (cached by the reranker), at ``size_factor`` times ``long_side`` (see the base class).
 
         Returns:
             ``coarse``: coarse tokens after the positional encoding and the leading self layers
@@ -213,7 +212,7 @@ class LoFTRVerifier(Verifier):
         Raises:
             delg.data.images.ImageReadError: unreadable image (the reranker counts and skips it).
         """
-        r = load_resized(ref, self.conf["long_side"], multiple=self.stride_c, gray=True)
+        r = load_resized(ref, scaled_long_side(self.conf["long_side"], size_factor), multiple=self.stride_c, gray=True)
         img = r.tensor(self.device, gray=True)  # (1, 1, h, w) in [0, 1]
         with torch.autocast(device_type=self.device.type, enabled=self.amp):
             feats = self.matcher.extract_features(img)
@@ -248,6 +247,11 @@ class LoFTRVerifier(Verifier):
                 seen[s.data_ptr()] = s.nbytes()
         return sum(seen.values())
 
+    @property
+    def batch_size(self) -> int:
+        """``loftr.batch_size``, or when null 8 on CUDA and 1 on CPU."""
+        return self._batch_size
+
     # ---------------------------------------------------------------------------------------------- per pair
     def match(self, f0: dict[str, Any], f1: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         """LoFTR matches ``(pts0, pts1)``, each :math:`(N, 2)` float32 xy in original (cropped) image pixels."""
@@ -266,7 +270,7 @@ class LoFTRVerifier(Verifier):
         L = f0["coarse"].shape[1]
         for (hw_c1, _), idx in groups.items():
             per_pair = 3 * 4 * L * hw_c1[0] * hw_c1[1]
-            bs = max(1, min(int(self.conf.get("batch_size") or 1), _MAX_BATCH_SIM_BYTES // max(per_pair, 1)))
+            bs = max(1, min(self.batch_size, _MAX_BATCH_SIM_BYTES // max(per_pair, 1)))
             for s in range(0, len(idx), bs):
                 chunk = idx[s : s + bs]
                 for i, res in zip(chunk, self._match_batch(f0, [f1s[i] for i in chunk])):
@@ -348,7 +352,7 @@ class LoFTRVerifier(Verifier):
         res = []
         for k in range(B):
             sel = bids == k
-            res.append((_to_original(k0[sel], s0), _to_original(k1[sel], np.asarray(f1s[k]["scale"], np.float64))))
+            res.append((loftr_to_original(k0[sel], s0), loftr_to_original(k1[sel], f1s[k]["scale"])))
         return res
 
     # ----------------------------------------------------------------------------------------------- misc
@@ -370,11 +374,10 @@ class LoFTRVerifier(Verifier):
                 f"-tbf{int(bool(c['temp_bug_fix']))}{'-fp16' if self.amp else ''}")
 
 
-def _to_original(kpts: np.ndarray, scale: np.ndarray) -> np.ndarray:
+def loftr_to_original(kpts: np.ndarray, scale: np.ndarray | tuple[float, float]) -> np.ndarray:
     """kornia LoFTR keypoints of the resized image -> float32 xy pixels of the original (cropped) image.
 
     kornia's LoFTR keypoints put the centre of pixel (x, y) at (x + 0.5, y + 0.5) (its docstring): subtract 0.5 to
-    get pixel-centre coordinates, then map as :meth:`loftr_tools.resize.Resized.to_original` does,
-    ``(x + 0.5) * s - 0.5``.  Together: ``k * s - 0.5``.
+    get pixel-centre coordinates, then map with the one pixel-centre mapping :func:`loftr_tools.resize.to_original`.
     """
-    return (kpts.reshape(-1, 2) * scale - 0.5).astype(np.float32)
+    return to_original(np.asarray(kpts, np.float64).reshape(-1, 2) - 0.5, scale)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from delg.config import ConfigError, default_schema
+from delg.devices import resolve_device
 from loftr_tools.base import Verifier
 
 # method key -> (module, class, config section)
@@ -24,14 +25,8 @@ VERIFIERS: dict[str, tuple[str, str, str]] = {
     "sift": ("loftr_tools.sift", "SiftVerifier", "sift"),
     "delg": ("loftr_tools.delg_local", "DelgLocalVerifier", "delg_local"),
     "loftr": ("loftr_tools.loftr", "LoFTRVerifier", "loftr"),
+    "xfeat": ("loftr_tools.xfeat", "XFeatLighterGlue", "xfeat"),
 }
-
-
-def resolve_device(device: torch.device | str | None) -> torch.device:
-    """``'auto'``/``None`` -> cuda if available else cpu; anything else as given."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def verifier_section(method: str) -> str:
@@ -44,17 +39,17 @@ def verifier_section(method: str) -> str:
 def build_verifier(
     method: str, conf: Mapping[str, Any] | None = None, device: torch.device | str | None = "auto", **ctx: Any
 ) -> Verifier:
-    """Build the verifier ``method`` ('lightglue', 'lightglue_aliked', 'sift', 'delg', 'loftr').
+    """Build the verifier ``method`` ('lightglue', 'lightglue_aliked', 'sift', 'delg', 'loftr', 'xfeat').
 
     Args:
         method: a key of :data:`VERIFIERS`.
         conf: the run config; its section ``verifier_section(method)`` configures the verifier (a mapping without
             that section is taken as the section itself; ``None`` = defaults).
-        device: 'auto' | 'cpu' | 'cuda' | 'cuda:N'.
+        device: 'auto' | 'cpu' | 'cuda' | 'cuda:N' (:func:`delg.devices.resolve_device`).
         ctx: extra constructor arguments (``stores={'query': Path, 'db': Path}`` for 'delg').
 
     Raises:
-        ConfigError: unknown method (the message lists the valid ones).
+        ConfigError: unknown method (the message lists the valid ones); CUDA asked for but not available.
         VerifierUnavailable: the verifier cannot run here (weights, untrained head); the message says what to do.
     """
     cls, sub = _resolve(method, conf)

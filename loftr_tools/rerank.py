@@ -63,7 +63,7 @@ from loftr_tools.base import IDENTICAL_INLIERS, ImageRef, Verifier
 from loftr_tools.caches import FeatureCache, InlierCache, _json_safe, cache_identity, identity_hash
 from loftr_tools.ranking import floor_inliers, protocol_variants, reorder_topk, topk_rows
 from loftr_tools.ransac import RansacConf, ransac_inliers
-from loftr_tools.resize import is_oom, run_with_oom_retry, smaller_long_side
+from loftr_tools.resize import is_oom, run_with_oom_retry
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ class Reranker:
     def _feature_key(self, ref: ImageRef) -> str:
         """Image verifiers' features depend only on (path, crop), so an image that is both a query and a database
         image (folder datasets) is prepared once; verifiers reading stores (``reads_store``) key by split too."""
-        if getattr(self.verifier, "reads_store", False):
+        if self.verifier.reads_store:
             return ref.key
         return f"{ref.path}@{ref.crop}"
 
@@ -234,10 +234,9 @@ class Reranker:
                 if f0 is None or f1 is None:
                     return None
                 return self.verifier.match(f0, f1)
-            # Smaller size: prepare this pair afresh (not cached) and match.
+            # Smaller size, passed explicitly (settings stay read-only): prepare this pair afresh (not cached).
             self.stats.oom_retries += 1
-            with smaller_long_side(self.verifier, factor):
-                return self.verifier.match(self.verifier.prepare(q), self.verifier.prepare(d))
+            return self.verifier.match(self.verifier.prepare(q, factor), self.verifier.prepare(d, factor))
 
         try:
             res = run_with_oom_retry(attempt, self.oom_factors, f"pair {q.key} / {d.key}")
@@ -269,7 +268,7 @@ class Reranker:
         ok = [i for i, f in enumerate(feats) if f is not None]
         out: list[tuple[int, int] | None] = [None] * len(ds)
         try:
-            matches = self.verifier.match_many(fq, [feats[i] for i in ok])  # type: ignore[attr-defined]
+            matches = self.verifier.match_many(fq, [feats[i] for i in ok])
         except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
             if not is_oom(e):
                 raise
@@ -288,7 +287,7 @@ class Reranker:
         (b, a) are one job whichever is asked first (a resumed run scores them exactly as an uninterrupted one).
         The key is ``None`` for an image paired with itself. Verifiers that read feature stores keep (query, db).
         """
-        if q.crop is None and d.crop is None and not getattr(self.verifier, "reads_store", False):
+        if q.crop is None and d.crop is None and not self.verifier.reads_store:
             a, b = _resolved(q.path), _resolved(d.path)
             if a == b:
                 return None, q, d
@@ -334,7 +333,7 @@ class Reranker:
 
             bar = tqdm(total=n_todo, desc=f"rerank {self.verifier.name}", unit="pair", dynamic_ncols=True)
         # Verifiers with a batched match_many (LoFTR) get chunks of one first image's pairs.
-        batch = int(self.verifier.conf.get("batch_size") or 1) if hasattr(self.verifier, "match_many") else 1
+        batch = max(1, int(self.verifier.batch_size))
         try:
             for gi in order:
                 first, seconds, keys = group_list[gi]
@@ -446,9 +445,7 @@ class Reranker:
 
     def close(self) -> None:
         self.cache.close()
-        close = getattr(self.verifier, "close", None)
-        if callable(close):
-            close()
+        self.verifier.close()
 
 
 def rerank(

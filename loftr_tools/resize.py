@@ -7,21 +7,23 @@ Policy (every image verifier goes through :func:`load_resized`):
 2. Downscale so that the long side is at most ``long_side`` (never upscale; ``None``/0 = keep the size).
 3. Round both sides *down* to multiples of ``multiple`` (LoFTR needs 8; DISK 16), at least ``multiple``. Rounding
    changes the aspect ratio slightly, so x and y get their own scale factors.
-4. Keypoints found in the resized image map back to pixels of the original (cropped) image with
-   :meth:`Resized.to_original`, using pixel *centres*: ``x_orig = (x + 0.5) * sx - 0.5`` with
-   ``sx = W_orig / W_resized``. All verifiers therefore return matches in the same frame, and one RANSAC threshold
+4. Keypoints found in the resized image map back to pixels of the original (cropped) image with the one function
+   :func:`to_original` (also :meth:`Resized.to_original`), using pixel *centres*: ``x_orig = (x + 0.5) * sx - 0.5``
+   with ``sx = W_orig / W_resized``. All verifiers therefore return matches in the same frame, and one RANSAC threshold
    (in original pixels) means the same for all of them.
 
-Per-verifier sizes (config): LoFTR 640 (multiple 8), LightGlue/DISK 1024 (multiple 16), SIFT 1024 (multiple 1).
+Per-verifier sizes (config): LoFTR 640 (multiple 8), LightGlue/DISK 1024 (multiple 16), SIFT 1024 (multiple 1),
+XFeat 1024 (multiple 32).
 
-CUDA out-of-memory: :func:`run_with_oom_retry` reruns a pair at smaller long sides (logged), see ``rerank``.
+CUDA out-of-memory: :func:`run_with_oom_retry` reruns a pair at smaller long sides (logged), see ``rerank``;
+the smaller size is passed to ``Verifier.prepare(ref, size_factor)`` (:func:`scaled_long_side`), settings are never
+changed.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -54,10 +56,7 @@ class Resized:
 
     def to_original(self, pts: np.ndarray | torch.Tensor) -> np.ndarray:
         """Map :math:`(N, 2)` xy pixels of the resized image to float32 xy of the original (cropped) image."""
-        p = pts.detach().float().cpu().numpy() if isinstance(pts, torch.Tensor) else np.asarray(pts, np.float64)
-        p = p.reshape(-1, 2).astype(np.float64)
-        s = np.asarray(self.scale, dtype=np.float64)
-        return ((p + 0.5) * s - 0.5).astype(np.float32)
+        return to_original(pts, self.scale)
 
     def tensor(self, device: torch.device | str = "cpu", gray: bool = False) -> torch.Tensor:
         """The image as a float tensor in [0, 1]: :math:`(1, 3, h, w)` RGB, or :math:`(1, 1, h, w)` if ``gray``."""
@@ -67,6 +66,24 @@ class Resized:
         t = torch.from_numpy(np.array(im, copy=True)).to(device)  # load_image arrays are read-only
         t = t[None, None] if t.ndim == 2 else t.permute(2, 0, 1)[None]
         return t.float() / 255.0
+
+
+def to_original(pts: np.ndarray | torch.Tensor, scale: Sequence[float] | np.ndarray) -> np.ndarray:
+    """The one pixel-centre mapping from a resized image back to the original: :math:`(N, 2)` xy pixels of the
+    resized image -> float32 :math:`(N, 2)` xy of the original (cropped) image, ``x_orig = (x + 0.5) * sx - 0.5``
+    with ``scale = (sx, sy) = (W_orig / w, H_orig / h)`` (see the module policy, point 4)."""
+    p = pts.detach().float().cpu().numpy() if isinstance(pts, torch.Tensor) else np.asarray(pts)
+    p = p.reshape(-1, 2).astype(np.float64)
+    s = np.asarray(scale, dtype=np.float64).reshape(2)
+    return ((p + 0.5) * s - 0.5).astype(np.float32)
+
+
+def scaled_long_side(long_side: int | None, size_factor: float = 1.0) -> int | None:
+    """The long side a verifier uses at ``size_factor`` times its configured ``long_side`` (out-of-memory retries):
+    the setting itself at 1.0 or when it is ``None``/0 (keep the size), else ``max(64, int(long_side * factor))``."""
+    if not long_side or size_factor == 1.0:
+        return long_side
+    return max(64, int(long_side * size_factor))
 
 
 def target_size(width: int, height: int, long_side: int | None, multiple: int = 1) -> tuple[int, int]:
@@ -122,26 +139,11 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
-@contextlib.contextmanager
-def smaller_long_side(verifier: Any, factor: float) -> Iterator[int | None]:
-    """Temporarily multiply ``verifier.conf['long_side']`` by ``factor`` (image verifiers read it in ``prepare``)."""
-    old = verifier.conf.get("long_side")
-    if not old:
-        yield old
-        return
-    new = max(64, int(old * factor))
-    verifier.conf["long_side"] = new
-    try:
-        yield new
-    finally:
-        verifier.conf["long_side"] = old
-
-
 def run_with_oom_retry(fn: Callable[[float], T], factors: Sequence[float] = (1.0, 0.75, 0.5), what: str = "") -> T:
     """Call ``fn(factor)`` for each factor in turn until one does not run out of memory.
 
     ``fn`` receives the size factor (1.0 first) and should run the pair at ``factor`` times its usual long side,
-    e.g. inside :func:`smaller_long_side`. Each retry is logged (warning); the last OOM is re-raised.
+    passing it on explicitly (``Verifier.prepare(ref, size_factor)``: settings stay read-only). Each retry is logged (warning); the last OOM is re-raised.
     """
     last: BaseException | None = None
     for i, f in enumerate(factors):

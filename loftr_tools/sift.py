@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import cv2
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 
 from loftr_tools.base import ImageRef, Verifier
-from loftr_tools.resize import load_resized
+from loftr_tools.resize import load_resized, scaled_long_side
 
 
 class SiftVerifier(Verifier):
@@ -29,17 +30,17 @@ class SiftVerifier(Verifier):
         "root_sift": True,
     }
 
-    def __init__(self, conf: dict[str, Any] | None = None, device: torch.device | str = "cpu") -> None:
+    def __init__(self, conf: Mapping[str, Any] | None = None, device: torch.device | str = "cpu") -> None:
         super().__init__(conf, device)
         if not 0 < float(self.conf["ratio"]) <= 1:
             raise ValueError(f"sift.ratio: must be in (0, 1], got {self.conf['ratio']}")
         # One detector per verifier; SIFT is deterministic.
         self.sift = cv2.SIFT_create(nfeatures=int(self.conf["max_keypoints"]))
 
-    def prepare(self, ref: ImageRef) -> dict[str, np.ndarray]:
+    def prepare(self, ref: ImageRef, size_factor: float = 1.0) -> dict[str, np.ndarray]:
         """``keypoints`` :math:`(N, 2)` float32 xy in original (cropped) pixels, ``descriptors`` :math:`(N, 128)`
-        float32 (RootSIFT when ``root_sift``)."""
-        r = load_resized(ref, self.conf["long_side"], 1, gray=True)
+        float32 (RootSIFT when ``root_sift``); at ``size_factor`` times ``long_side`` (see the base class)."""
+        r = load_resized(ref, scaled_long_side(self.conf["long_side"], size_factor), 1, gray=True)
         kps, desc = self.sift.detectAndCompute(r.image, None)
         if desc is None or len(kps) == 0:
             return {"keypoints": np.zeros((0, 2), np.float32), "descriptors": np.zeros((0, 128), np.float32)}

@@ -110,7 +110,7 @@ def test_paper_retrieval_configs_follow_the_protocol(path: Path) -> None:
     c = load_config(path)
     assert c.dataset.type == "revisitop" and c.dataset.query_crop is True
     assert c.dataset.name == path.name.split("_")[0]
-    assert c.extract.scales == [0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0] and c.extract.max_size == 1024
+    assert c.extract.scales == [0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0] and c.extract.long_side == 1024
     assert c.extract.global_scales == [0.7071, 1.0, 1.4142] and c.extract.max_keypoints == 1000
     assert c.rerank.top_k == 100 and {"loftr", "lightglue"} <= set(c.rerank.methods) and c.loftr.long_side == 840
     assert c.rerank.junk_before_rerank is True
@@ -162,3 +162,18 @@ def test_ransac_settings_belong_to_each_verifier() -> None:
     assert c.sift.ransac.min_inliers == 0  # sections are independent
     with pytest.raises(ConfigError, match="nearest valid key: 'delg_local.ransac.threshold'"):
         load_config(None, ["delg_local.ransac.thresh=25"])
+
+
+def test_long_side_is_one_name_and_old_stores_keep_their_preset() -> None:
+    """'Long side in pixels' is long_side in extract as in every verifier section; the old extract.max_size names the
+    new key, and the store preset hashes the value under its old name, so existing stores are not re-extracted."""
+    from delg.extract import ExtractSettings, extraction_settings
+
+    with pytest.raises(ConfigError, match=r"extract\.max_size.*renamed: 'extract\.long_side'"):
+        load_config(None, ["extract.max_size=512"])
+    c = load_config(None, ["extract.long_side=512", "device=cpu"])
+    assert ExtractSettings.from_conf(c).long_side == 512
+    s = extraction_settings(c)
+    assert s["max_size"] == 512 and "long_side" not in s
+    for section in ("lightglue", "sift", "loftr", "xfeat"):
+        assert "long_side" in c[section] and "max_size" not in c[section]

@@ -20,7 +20,7 @@ from delg.config import load_config, run_stage
 from delg.errors import ProjectError
 
 # One scale, small images, a short top K: the module's one full run costs seconds, each rerun a fraction of that.
-FAST = ["progress=false", "num_workers=0", "device=cpu", "extract.max_size=128", "extract.scales=[1.0]",
+FAST = ["progress=false", "num_workers=0", "device=cpu", "extract.long_side=128", "extract.scales=[1.0]",
         "extract.global_scales=[1.0]", "rerank.methods=[sift]", "rerank.top_k=4", "sift.long_side=256",
         "report.enabled=false"]
 
@@ -375,7 +375,7 @@ def test_large_png_is_decoded_once(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(ImageFile.ImageFile, "load", counting)
     assert image_size(p) == (1600, 1200)
     assert decodes == []  # the size comes from the header
-    xs = ExtractSettings(scales=(1.0,), global_scales=(1.0,), max_size=256, local=False, max_keypoints=1,
+    xs = ExtractSettings(scales=(1.0,), global_scales=(1.0,), long_side=256, local=False, max_keypoints=1,
                          attention_threshold=0.0)
     sample = ImageLoader([Item("big", p)], xs)[0]
     assert tuple(sample["image"].shape) == (3, 192, 256) and decodes == ["PngImageFile"]

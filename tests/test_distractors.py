@@ -19,7 +19,7 @@ from delg.store import FeatureStore
 
 REPO = Path(__file__).resolve().parent.parent
 # Two scales at 128 px: ~200 local features an image, enough for RANSAC, and seconds for the whole module.
-FAST = ["progress=false", "num_workers=0", "device=cpu", "extract.max_size=128", "extract.scales=[1.0, 1.4142]",
+FAST = ["progress=false", "num_workers=0", "device=cpu", "extract.long_side=128", "extract.scales=[1.0, 1.4142]",
         "extract.global_scales=[1.0]", "extract.max_keypoints=150", "extract.float16=true", "rerank.top_k=6",
         "rerank.cache=false"]
 

@@ -34,7 +34,7 @@ from delg.store import FeatureStore, store_contents
 REPO = Path(__file__).resolve().parent.parent
 N_DB = 10
 OVR = [
-    "extract.max_size=96",
+    "extract.long_side=96",
     "extract.scales=[0.5, 1.0, 1.4142]",
     "extract.global_scales=[1.0, 1.4142]",
     "extract.max_keypoints=40",
@@ -193,7 +193,7 @@ def test_global_is_sum_of_scales_and_keypoints_map_back(toy):
     model = load_model(conf)
     rng = np.random.default_rng(1)
     im = Image.fromarray((rng.random((20, 30, 3)) * 255).astype(np.uint8)).resize((192, 128), Image.BILINEAR)
-    xs = ExtractSettings.from_conf(conf)  # max_size 96: the image is halved first
+    xs = ExtractSettings.from_conf(conf)  # long_side 96: the image is halved first
     small = im.resize((96, 64), Image.BILINEAR)
     out = extract_multiscale(model, pil_to_tensor(small), xs, orig_size=im.size)
     x = (pil_to_tensor(small).float()[None] / 255 - torch.tensor(model.mean).view(1, 3, 1, 1)) / torch.tensor(
@@ -398,7 +398,7 @@ def test_seed_checkpoint_is_fed_bgr_as_the_seed(tmp_path):
     torch.set_num_threads(1)
     ck, img = _seed_setup(tmp_path)
     conf = _seed_conf(tmp_path / "out", ck, "extract.scales=[1.0]", "extract.global_scales=[1.0]",
-                      "extract.max_size=null", "extract.splits=[db]")
+                      "extract.long_side=null", "extract.splits=[db]")
     ds = RetrievalDataset(name="toy", db_paths=[img], db_names=["im"], query_paths=[img], query_names=["q"],
                           query_bbx=[None], gnd=None)
     main(conf, ds)
@@ -427,7 +427,7 @@ def test_seed_resize_and_sum_aggregation(tmp_path):
     torch.set_num_threads(1)
     ck, img = _seed_setup(tmp_path)
     conf = _seed_conf(tmp_path, ck, "extract.scales=[0.5, 1.0]", "extract.global_scales=[0.5, 1.0]",
-                      "extract.max_size=48", "extract.resize=cv2_bilinear", "extract.global_aggregation=sum")
+                      "extract.long_side=48", "extract.resize=cv2_bilinear", "extract.global_aggregation=sum")
     model = load_model(conf)
     got = extract_one(model, load_pil(img), conf)
     small = cv2.resize(cv2.imread(str(img)), (48, 38), interpolation=cv2.INTER_LINEAR).astype(np.float32)
@@ -438,7 +438,7 @@ def test_seed_resize_and_sum_aggregation(tmp_path):
     np.testing.assert_allclose(got["global"], (g / g.norm()).numpy(), atol=1e-5)
     # The DELG/antialias defaults give a different descriptor, and a different store.
     conf2 = _seed_conf(tmp_path, ck, "extract.scales=[0.5, 1.0]", "extract.global_scales=[0.5, 1.0]",
-                       "extract.max_size=48")
+                       "extract.long_side=48")
     assert not np.allclose(extract_one(model, load_pil(img), conf2)["global"], got["global"], atol=1e-4)
     assert preset_name(conf) != preset_name(conf2)
 

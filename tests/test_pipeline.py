@@ -21,7 +21,7 @@ from delg.config import load_config
 from delg.retrieve import main
 
 REPO = Path(__file__).resolve().parent.parent
-FAST = ["progress=false", "num_workers=0", "device=cpu", "extract.max_size=160", "extract.scales=[0.7071, 1.0, 1.4142]",
+FAST = ["progress=false", "num_workers=0", "device=cpu", "extract.long_side=160", "extract.scales=[0.7071, 1.0, 1.4142]",
         "rerank.methods=[sift]", "rerank.top_k=8", "sift.long_side=320", "report.max_queries=3"]
 
 
@@ -209,7 +209,7 @@ def test_search_with_a_new_photo(tiny_run: Path, tiny_bench: Path, capsys: pytes
 # ---------------------------------------------------------------------------------------------- fault injection
 # The default pipeline (configs/demo.yaml: extraction, global search, DISK+LightGlue and SIFT reranking, evaluation,
 # report) on a copy of the default embedded benchmark, with sizes cut so that it fits a few minutes on 2 CPU cores.
-FAULT_ARGS = ["progress=false", "num_workers=0", "device=cpu", "extract.max_size=160",
+FAULT_ARGS = ["progress=false", "num_workers=0", "device=cpu", "extract.long_side=160",
               "extract.scales=[0.7071, 1.0, 1.4142]", "rerank.methods=[lightglue, sift]", "rerank.top_k=8",
               "lightglue.long_side=192", "lightglue.max_keypoints=128", "sift.long_side=320", "report.max_queries=3"]
 RUNNER = """

@@ -16,7 +16,9 @@ from delg.data.images import ImageReadError
 from loftr_tools.base import IDENTICAL_INLIERS, ImageRef, Verifier
 from loftr_tools.caches import FeatureCache
 from loftr_tools.ranking import drop_junk, protocol_junk, reorder_topk
+from loftr_tools.registry import VERIFIERS
 from loftr_tools.rerank import Reranker, RerankStats, order_queries, rerank
+from loftr_tools.resize import scaled_long_side
 
 RANSAC_H = {"model": "homography", "threshold": 1.0}
 
@@ -28,23 +30,25 @@ class TableVerifier(Verifier):
     name = "table"
     default_conf = {"long_side": 1024}
 
-    def __init__(self, table: dict[tuple[str, str], int], unreadable: set[str] = frozenset(), oom_above: int = 0):
-        super().__init__({})
+    def __init__(self, table: dict[tuple[str, str], int], unreadable: set[str] = frozenset(), oom_above: int = 0,
+                 conf: dict[str, Any] | None = None):
+        super().__init__(conf)
         self.table = table
         self.unreadable = set(unreadable)
         self.oom_above = oom_above
         self.prepare_calls: list[str] = []
         self.match_calls = 0
 
-    def prepare(self, ref: ImageRef) -> dict[str, Any]:
+    def prepare(self, ref: ImageRef, size_factor: float = 1.0) -> dict[str, Any]:
         self.prepare_calls.append(ref.key)
         if ref.name in self.unreadable:
             raise ImageReadError(f"{ref.path}: cannot decode image (test)")
-        return {"name": ref.name, "is_query": ref.key.startswith("query/"), "buf": np.zeros(250, np.float32)}
+        return {"name": ref.name, "is_query": ref.key.startswith("query/"), "buf": np.zeros(250, np.float32),
+                "long_side": scaled_long_side(self.conf["long_side"], size_factor)}
 
     def match(self, f0: dict[str, Any], f1: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         self.match_calls += 1
-        if self.oom_above and self.conf["long_side"] > self.oom_above:
+        if self.oom_above and max(f0["long_side"], f1["long_side"]) > self.oom_above:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
         # Whole-image pairs may be matched in either order (unordered pairs): the table is symmetric.
         n = self.table.get((f0["name"], f1["name"]), self.table.get((f1["name"], f0["name"]), 0))
@@ -222,7 +226,10 @@ def test_oom_pair_is_retried_smaller() -> None:
     rr = Reranker(v, RANSAC_H, oom_retry_factors=(1.0, 0.75, 0.5))
     new, inl = rr.rerank(_dataset(2, 6), RANKS[:, :1], SCORES[:, :1], top_k=2)
     assert inl[:, 0].tolist() == [50, 5] and rr.stats.oom_retries == 2  # 1024 fails, 768 works, for 2 pairs
-    assert v.conf["long_side"] == 1024  # restored after the retry
+    # The smaller size reached prepare as an argument; the settings were never changed (they are read-only).
+    assert v.conf["long_side"] == 1024
+    with pytest.raises(TypeError):
+        v.conf["long_side"] = 768  # type: ignore[index]
 
 
 def test_feature_cache_budget_and_lru() -> None:
@@ -284,8 +291,11 @@ def test_batched_match_many_is_used() -> None:
 
         def __init__(self, *a: Any, **k: Any) -> None:
             super().__init__(*a, **k)
-            self.conf["batch_size"] = 3
             self.batches: list[int] = []
+
+        @property
+        def batch_size(self) -> int:
+            return int(self.conf["batch_size"])
 
         def match_many(self, f0: dict[str, Any], f1s: list[dict[str, Any]]) -> list[tuple[np.ndarray, np.ndarray]]:
             self.batches.append(len(f1s))
@@ -336,8 +346,7 @@ def test_each_verifier_s_ransac_settings_reach_ransac_inliers(monkeypatch: pytes
     rr.close()
     # A verifier carrying its section's RANSAC mapping is scored with it (no ransac= given to the reranker); raw
     # counts are cached and the section's min_inliers floors them when reranking.
-    v = TableVerifier(TABLE)
-    v.conf["ransac"] = conf.sift.ransac
+    v = TableVerifier(TABLE, conf={"ransac": conf.sift.ransac})
     _, inl = rerank(_dataset(2, 6), RANKS, SCORES, v, top_k=4)
     assert seen and all((c.model, c.threshold, c.max_iters) == ("affine", 12.0, 500) for c in seen)
     assert inl[:, 0].tolist() == [50, 50, 0, 0]  # q0: d0's 5 inliers fall under min_inliers=11, d2 has none
@@ -365,7 +374,7 @@ def _changed(value: Any) -> Any:
     return 1  # None
 
 
-@pytest.mark.parametrize("method", ["sift", "lightglue", "lightglue_aliked", "loftr", "delg"])
+@pytest.mark.parametrize("method", sorted(VERIFIERS))  # every registered verifier, a new one too
 def test_every_setting_of_a_verifier_section_is_in_its_cache_identity(
     method: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

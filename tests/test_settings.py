@@ -76,14 +76,14 @@ BAD = [
     ("rerank.top_k=-5", "rerank.top_k: -5 is not allowed: an integer >= 1"),
     ("rerank.top_k=0", "rerank.top_k: 0 is not allowed"),
     ("rerank.top_k=1.5", "rerank.top_k: 1.5 is not allowed"),
-    ("extract.max_size=-1", "extract.max_size: -1 is not allowed: an integer >= 16 or null"),
-    ("extract.max_size=4", "extract.max_size: 4 is not allowed"),
+    ("extract.long_side=-1", "extract.long_side: -1 is not allowed: an integer >= 16 or null"),
+    ("extract.long_side=4", "extract.long_side: 4 is not allowed"),
     # int
     ("rerank.top_k=abc", "rerank.top_k: 'abc' is not allowed: an integer"),
     ("ranks.depth=abc", "ranks.depth: 'abc' is not allowed: an integer >= 1, all or null"),
     ("seed=abc", "seed: 'abc' is not allowed: an integer"),
     ("num_workers=-1", "num_workers: -1 is not allowed: an integer >= 0"),
-    ("extract.max_size=abc", "extract.max_size: 'abc' is not allowed"),
+    ("extract.long_side=abc", "extract.long_side: 'abc' is not allowed"),
     ("search.nprobe=true", "search.nprobe: true is not allowed: an integer >= 1"),
     # float
     ("train.lr=0", "train.lr: 0 is not allowed: a finite number > 0"),
@@ -132,10 +132,10 @@ def test_bad_value_in_a_config_file(tmp_path: Path) -> None:
 
 def test_good_values_are_typed() -> None:
     c = load_config(None, ["rerank.top_k=7", "ranks.depth=all", "device=cuda:1", "overwrite=yes",
-                           "extract.scales=[1, 2]", "extract.global_scales=[1]", "extract.max_size=null"])
+                           "extract.scales=[1, 2]", "extract.global_scales=[1]", "extract.long_side=null"])
     assert c.rerank.top_k == 7 and c.ranks.depth == "all" and c.device == "cuda:1" and c.overwrite is True
     assert c.extract.scales == [1.0, 2.0] and all(isinstance(s, float) for s in c.extract.scales)
-    assert c.extract.max_size is None and isinstance(c, Config) and c.loss["global"] == "ce"
+    assert c.extract.long_side is None and isinstance(c, Config) and c.loss["global"] == "ce"
 
 
 # ---------------------------------------------------------------------------------------------- output folders

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-FAST = ["progress=false", "num_workers=0", "device=cpu", "extract.max_size=160", "extract.scales=[1.0]",
+FAST = ["progress=false", "num_workers=0", "device=cpu", "extract.long_side=160", "extract.scales=[1.0]",
         "extract.global_scales=[1.0]", "rerank.methods=[sift]", "rerank.top_k=4", "sift.long_side=200"]
 
 

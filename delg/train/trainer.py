@@ -35,6 +35,7 @@ from delg.data.gldv2 import (
     split_train_val,
 )
 from delg.data.images import ImageReadError, load_pil
+from delg.devices import resolve_device
 from delg.errors import ProjectError
 from delg.io import atomic_path
 from delg.model import DELG, build_model
@@ -85,15 +86,6 @@ def check_train_settings(t: Mapping[str, Any]) -> None:
 
 def _dist_env() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-
-
-def _device(conf: Mapping[str, Any], local_rank: int) -> torch.device:
-    d = str(conf.get("device", "auto"))
-    if d == "auto":
-        d = "cuda" if torch.cuda.is_available() else "cpu"
-    if d == "cuda":
-        d = f"cuda:{local_rank}"
-    return torch.device(d)
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -224,7 +216,7 @@ def init_global_head(model: DELG, data: LandmarkSet, conf: Mapping[str, Any], de
 def main(conf: Config) -> Path:
     """Train; returns ``<output_dir>/checkpoints/last.pth``."""
     rank, world, local_rank = _dist_env()
-    device = _device(conf, local_rank)
+    device = resolve_device(conf.get("device", "auto"))  # the one device rule: cuda -> cuda:LOCAL_RANK
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
