@@ -28,6 +28,7 @@ import numpy as np
 
 from delg.config import Config, ConfigError
 from delg.errors import ProjectError
+from delg.io import file_sha1
 from delg.store import FeatureStore, StoreUnion
 
 SCALE_TOL = 1e-6
@@ -132,11 +133,7 @@ def model_conventions(conf: Config) -> dict[str, Any]:
 
 @lru_cache(maxsize=8)
 def _file_digest(path: str) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()[:10]
+    return file_sha1(path, 10)  # cached: a checkpoint is hashed once per process, not once per preset lookup
 
 
 def extraction_settings(conf: Config, split: str | None = None) -> dict[str, Any]:

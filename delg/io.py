@@ -14,6 +14,7 @@ because some writers append one when it is missing (``np.save`` adds ``.npy``, `
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
@@ -76,3 +77,13 @@ def atomic_write_json(path: str | Path, data: Any, fsync: bool = False, mkdir: b
                       **dumps: Any) -> Path:
     """``json.dumps(data, **dumps)`` (plus ``"\\n"`` with ``newline``) written to ``path`` atomically."""
     return atomic_write_text(path, json.dumps(data, **dumps) + ("\n" if newline else ""), fsync, mkdir)
+
+
+def file_sha1(path: str | Path, length: int = 40) -> str:
+    """Hex sha1 of a file's bytes, read in 4 MiB blocks, cut to ``length`` characters (content identity of weights
+    and checkpoints in cache keys and store presets)."""
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()[:length]

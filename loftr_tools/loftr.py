@@ -32,7 +32,6 @@ backbone and transformers run under float16 autocast and the cache holds float16
 from __future__ import annotations
 
 import copy
-import hashlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ import torch.nn.functional as F
 
 from delg.config import REPO_ROOT
 from delg.errors import ProjectError
+from delg.io import file_sha1
 from loftr_tools.base import ImageRef, Verifier, VerifierUnavailable
 from loftr_tools.resize import load_resized, scaled_long_side, to_original
 
@@ -357,11 +357,7 @@ class LoFTRVerifier(Verifier):
 
     # ----------------------------------------------------------------------------------------------- misc
     def _hash_weights(self) -> str:
-        h = hashlib.sha1()
-        with open(self.weights, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
-        return h.hexdigest()[:8]
+        return file_sha1(self.weights, 8)
 
     def identity_extra(self) -> dict[str, Any]:
         # The weights' content, not their path: another checkpoint under the same name is another matcher.

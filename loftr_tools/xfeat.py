@@ -16,7 +16,6 @@ integer keypoints are the resized image's pixel centres).
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 
 import torch
 
+from delg.io import file_sha1
 from loftr_tools.lightglue import (
     WeightsError,
     _LightGlueVerifier,
@@ -111,5 +111,5 @@ _SHA1: dict[Path, str] = {}
 
 def _sha1(path: Path) -> str:
     if path not in _SHA1:
-        _SHA1[path] = hashlib.sha1(path.read_bytes()).hexdigest()[:12]
+        _SHA1[path] = file_sha1(path, 12)
     return _SHA1[path]
