@@ -103,6 +103,7 @@ def main(conf: Config) -> Path:
     # Each verifier's resolved settings (long_side, RANSAC model/threshold/trials/min_inliers): checked before any
     # work, recorded in results.json (protocol.verifiers), completed with weight digests / stores when it runs.
     verifier_protocol = {m: verifier_settings(m, conf) for m in conf.rerank.methods}
+    search.check_settings(conf)  # rules between search keys (search.sg_k < search.sg_m), before any work
     out_dir = Path(conf.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # A run that fails must not leave an older results.json that reads as its result: it becomes

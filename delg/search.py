@@ -275,6 +275,10 @@ def check_settings(conf: Config) -> None:
 
     validate_section("search", conf.search, error=SearchError)
     validate_section("ranks", conf.ranks, error=SearchError)
+    sc = conf.search
+    if sc.superglobal and int(sc.sg_k) >= int(sc.sg_m):
+        raise SearchError(f"search.sg_k: {sc.sg_k} neighbours per candidate among search.sg_m={sc.sg_m} candidates; "
+                          f"need sg_k < sg_m")
 
 
 def _l2n(x: np.ndarray) -> np.ndarray:
@@ -584,25 +588,56 @@ def query_vectors(conf: Config, dataset: Any) -> np.ndarray:
     return out
 
 
+def superglobal_m(conf: Config, n_present: int) -> int:
+    """Candidates SuperGlobal re-scores per query: ``search.sg_m`` cut to the database images with features; 0 when
+    ``search.superglobal`` is off."""
+    return min(int(conf.search.sg_m), n_present) if bool(conf.search.superglobal) else 0
+
+
 def rank(db: DatabaseIndex, queries: np.ndarray, conf: Config) -> tuple[np.ndarray, np.ndarray]:
-    """Search (with optional alpha-QE); returns ``ranks`` (depth, Q) int64 and ``scores`` (depth, Q) float32,
-    ``depth`` = :func:`ranking_depth` (``n_db`` for the whole database)."""
+    """Search (with optional alpha-QE, then optional SuperGlobal reranking of the top ``search.sg_m``); returns
+    ``ranks`` (depth, Q) int64 and ``scores`` (depth, Q) float32, ``depth`` = :func:`ranking_depth` (``n_db`` for the
+    whole database)."""
     sc = conf.search
     depth, chunk, db_chunk = ranking_depth(conf.ranks.depth, db.n_db), int(sc.query_chunk), int(sc.chunk)
     db.notes.clear()  # the notes of this ranking (the index may be cached across runs)
     db.set_search_params(int(sc.nprobe), float(sc.refine or 0))
     qe_k = int(sc.qe_k or 0)
-    if qe_k > 0:
+    sg_m = superglobal_m(conf, len(db.present))
+    if qe_k > 0 or sg_m > 0:
         ivf = _ivf(db.cpu_index)
         if ivf is not None:
-            ivf.make_direct_map()
+            ivf.make_direct_map()  # IVF reconstructs stored vectors by id only with a direct map
+    if qe_k > 0:
         k = min(qe_k, len(db.present))
         sims, ix = db.knn(queries, k, chunk, db_chunk)
         ok = ix >= 0
         ix, sims = np.where(ok, ix, 0), np.where(ok, sims, 0)
         queries = alpha_qe(queries, _reconstruct(db.cpu_index, ix), sims, float(sc.alpha))
-    ids, scores = db.search(queries, depth, chunk, db_chunk)
-    return np.ascontiguousarray(ids.T), np.ascontiguousarray(scores.T)
+    # SuperGlobal re-scores the top sg_m: search at least that deep, keep `depth` rows after
+    ids, scores = db.search(queries, max(depth, sg_m), chunk, db_chunk)
+    if sg_m > 0:
+        ids, scores = _superglobal(db, queries, ids, scores, sg_m, int(sc.sg_k), float(sc.sg_beta))
+    return np.ascontiguousarray(ids[:, :depth].T), np.ascontiguousarray(scores[:, :depth].T)
+
+
+def _superglobal(
+    db: DatabaseIndex, queries: np.ndarray, ids: np.ndarray, scores: np.ndarray, m: int, k: int, beta: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`delg.global_rerank.rerank_column` on each query's top ``m`` rows that have features (``ids`` (Q, R)
+    dataset db indices, ``scores`` (Q, R)); the candidates' vectors are read back from the index (as alpha-QE does:
+    exact for flat, the 8-bit copy with ``search.refine``, PQ-decoded for plain IVF-PQ; DBA vectors with DBA)."""
+    from delg.global_rerank import rerank_column
+
+    new_ids, new_sc = np.empty_like(ids), np.empty_like(scores)
+    full = len(db.present) == db.n_db  # index rows are the db indices
+    for j in range(len(ids)):
+        top = ids[j, :m]
+        top = top[np.isfinite(scores[j, :m])]  # rows without features / not found by IVF rank last: never candidates
+        rows = top if full else np.searchsorted(db.present, top)
+        cands = _reconstruct(db.cpu_index, rows)
+        new_ids[j], new_sc[j] = rerank_column(queries[j], cands, ids[j], scores[j], k, beta)
+    return new_ids, new_sc
 
 
 _REDONE: set[tuple[str, ...]] = set()
@@ -682,6 +717,12 @@ def main(conf: Config, dataset: Any = None) -> Path:
         "qe_k": int(sc.qe_k or 0),
         "dba_k": int(sc.dba_k or 0),
         "alpha": float(sc.alpha),
+        # SuperGlobal reranking of the top sg_m (delg.global_rerank); its settings null while it is off, so that
+        # changing them then does not redo an identical ranking
+        "superglobal": bool(sc.superglobal),
+        "sg_m": int(sc.sg_m) if sc.superglobal else None,
+        "sg_k": int(sc.sg_k) if sc.superglobal else None,
+        "sg_beta": float(sc.sg_beta) if sc.superglobal else None,
         "layout": "(depth, n_queries): column j ranks the database for query j",
     }
     if ranks_path.is_file() and scores_path.is_file() and meta_path.is_file() and not conf.get("overwrite", False):
@@ -725,7 +766,7 @@ def _cached_ranks_ok(ranks_path: Path, scores_path: Path, shape: tuple[int, int]
 # Meta entries that report how the search went rather than what it is: not compared when reusing a ranking.
 _META_OUTCOMES = ("gpu_fallbacks",)
 SEARCH_RECORD_KEYS = ("index", "exact", "gpu", "gpu_fallbacks", "nprobe", "refine", "depth", "depth_setting",
-                      "ranking_cut", "qe_k", "dba_k", "alpha")
+                      "ranking_cut", "qe_k", "dba_k", "alpha", "superglobal", "sg_m", "sg_k", "sg_beta")
 
 
 def search_record(ranks_path: str | Path) -> dict[str, Any]:

@@ -205,6 +205,10 @@ class Search(Section):
     qe_k: NonNegInt | None
     dba_k: NonNegInt | None
     alpha: NonNegFloat
+    superglobal: bool
+    sg_m: PosInt
+    sg_k: NonNegInt
+    sg_beta: NonNegFloat
 
 
 class Sift(Section):
