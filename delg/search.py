@@ -7,7 +7,9 @@ Outputs (``main``), under ``<output_dir>/ranks/``:
     ``global.npy``          (depth, n_queries) int64: row r of column j = the database index ranked r-th for query j
     ``global_scores.npy``   (depth, n_queries) float32: its cosine similarity (PQ-approximate with ``ivfpq``);
                             ``-inf`` where a row had to be filled with images that have no features (unreadable)
-                            or that IVF-PQ did not return (outside the probed lists)
+                            or that IVF-PQ did not return (outside the probed lists); with ``search.superglobal``
+                            the top ``search.sg_m`` rows hold their SuperGlobal score (:mod:`delg.global_rerank`),
+                            floored so that every column stays non-increasing
     ``global.meta.json``    what produced them (index kind, exact or not, GPU, depth, whether the ranking is cut,
                             key); lets a rerun skip the search.  :func:`search_record` is its part for results.json.
 
@@ -30,6 +32,7 @@ base for ``refine * k``): a flat index ranks exactly with a chunked matrix produ
 (:func:`exact_topk`), any other index is searched on its CPU copy; each reason is logged once and recorded.
 
     python -m delg.search --config configs/demo.yaml [search.index=ivfpq] [search.qe_k=2] [ranks.depth=1000]
+        [search.superglobal=true]
 """
 
 from __future__ import annotations
