@@ -98,11 +98,12 @@ def main(conf: Config) -> Path:
         return search_photo(conf, Path(conf.query))
     from delg import search
     from loftr_tools.registry import verifier_settings
-    from loftr_tools.rerank import rerank_methods
+    from loftr_tools.rerank import check_expansion, rerank_methods
 
     # Each verifier's resolved settings (long_side, RANSAC model/threshold/trials/min_inliers): checked before any
     # work, recorded in results.json (protocol.verifiers), completed with weight digests / stores when it runs.
     verifier_protocol = {m: verifier_settings(m, conf) for m in conf.rerank.methods}
+    check_expansion(conf)
     search.check_settings(conf)  # rules between search keys (search.sg_k < search.sg_m), before any work
     out_dir = Path(conf.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -150,6 +151,10 @@ def main(conf: Config) -> Path:
         rr = run.reranker
         new_ranks, inliers = run.ranks, run.inliers
         verifier_protocol[method] = {**verifier_protocol[method], **rr.settings(), "method": method}
+        # the steps beyond pairwise order (fusion, verified QE, propagation): settings and what they did; absent =
+        # plain pairwise reranking
+        if run.expansion is not None:
+            verifier_protocol[method]["beyond_pairwise"] = run.expansion
         for key, img_err in rr.stats.failed_images.items():
             if not any(s["split"] + "/" + s["name"] == key for s in skipped):
                 verifier_skips.append({"method": method, "image": key, "reason": img_err})
@@ -160,6 +165,7 @@ def main(conf: Config) -> Path:
         rankings[method] = shown
         inliers_for_report[method] = {
             (c, int(shown[r, c])): int(shown_inl[r, c]) for c in range(shown.shape[1]) for r in range(shown_inl.shape[0])
+            if shown_inl[r, c] >= 0  # -1: brought up by query expansion / propagation without a direct match
         }
         match_fns[method] = (lambda rr_: lambda c, db: rr_.inlier_matches(dataset, keep[c], db))(rr)
         timing[method] = run.seconds + time.time() - t

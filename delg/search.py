@@ -643,6 +643,38 @@ def _superglobal(
     return new_ids, new_sc
 
 
+@dataclass
+class GlobalSpace:
+    """The global descriptors of a run, for the steps after pairwise verification (``loftr_tools.expansion``):
+    the queries' vectors, database vectors by dataset index, and search by any vectors; all in dataset database
+    indices (images without features are never returned)."""
+
+    db: DatabaseIndex
+    queries: np.ndarray  # (n_queries, D) from the query store
+
+    def db_vectors(self, ids: np.ndarray) -> np.ndarray:
+        """(n,) dataset db indices (with features) -> (n, D) vectors as the index holds them (DBA vectors with DBA)."""
+        ids = np.asarray(ids, np.int64)
+        rows = ids if len(self.db.present) == self.db.n_db else np.searchsorted(self.db.present, ids)
+        return _reconstruct(self.db.cpu_index, rows)
+
+    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(n, D) -> ``sims`` (n, k) and dataset db indices (n, k) (-1 where fewer were found)."""
+        k = max(1, min(int(k), len(self.db.present)))
+        sims, ix = self.db.knn(np.ascontiguousarray(vectors, np.float32), k)
+        return sims, np.where(ix >= 0, self.db.present[np.maximum(ix, 0)], -1)
+
+
+def global_space(conf: Config, dataset: Any) -> GlobalSpace:
+    """:class:`GlobalSpace` of a run whose features exist (the index is loaded, or built, as the search does)."""
+    db = get_index(conf, dataset)
+    ivf = _ivf(db.cpu_index)
+    if ivf is not None:
+        ivf.make_direct_map()  # IVF reconstructs stored vectors by id only with a direct map
+    db.set_search_params(int(conf.search.nprobe), float(conf.search.refine or 0))
+    return GlobalSpace(db, query_vectors(conf, dataset))
+
+
 _REDONE: set[tuple[str, ...]] = set()
 
 

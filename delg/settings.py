@@ -91,6 +91,8 @@ class VerifierRansac(Section):
     max_iters: PosInt
     seed: NonNegInt
     min_inliers: NonNegInt
+    evidence_low: NonNegFloat
+    evidence_high: PosFloat
 
 
 class DelgLocal(Section):
@@ -188,6 +190,15 @@ class Rerank(Section):
     global_ranks: Path_ | None
     query_store: Path_ | None
     db_store: Path_ | None
+    order: Literal["inliers", "fused"]
+    global_weight: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+    qe_rounds: Annotated[int, Field(ge=0, le=10)]
+    qe_top_k: PosInt
+    propagate: bool
+    propagation_weight: NonNegFloat
+    propagate_verify: NonNegInt
+    db_pairs_k: NonNegInt
+    graph_memory_mb: PosFloat
 
 
 class Search(Section):

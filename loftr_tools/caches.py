@@ -32,6 +32,8 @@ from loftr_tools.ransac import RansacConf
 NOT_IN_IDENTITY: dict[str, str] = {
     "batch_size": "LoFTR pairs per forward: a batch of equal-size pairs gives each pair the matches it gets alone",
     "ransac.min_inliers": "applied to the cached raw counts when reranking, so changing it rematches nothing",
+    "ransac.evidence_low": "applied to the cached raw counts by loftr_tools.expansion, so changing it rematches nothing",
+    "ransac.evidence_high": "applied to the cached raw counts by loftr_tools.expansion, so changing it rematches nothing",
 }
 
 

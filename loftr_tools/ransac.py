@@ -34,7 +34,7 @@ MODELS = ("fundamental", "homography", "affine")
 # Minimal sample sizes: the 7-point algorithm needs 7, but OpenCV's USAC path asks for at least 8 for F
 # (fewer raise or return garbage); a homography needs 4, an affine map 3.
 MIN_MATCHES = {"fundamental": 8, "homography": 4, "affine": 3}
-FIELDS = ("model", "threshold", "confidence", "max_iters", "seed", "min_inliers")
+FIELDS = ("model", "threshold", "confidence", "max_iters", "seed", "min_inliers", "evidence_low", "evidence_high")
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,10 @@ class RansacConf:
     max_iters: int = 10000
     seed: int = 0
     min_inliers: int = 0  # counts below this are 0 (a pair with a handful of chance inliers is no match)
+    # What a count means beyond pairwise order (loftr_tools.expansion.evidence): <= evidence_low is no evidence that
+    # two images show the same place, >= evidence_high is certain. Applied to cached counts, never to RANSAC itself.
+    evidence_low: float = 30.0
+    evidence_high: float = 80.0
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -68,6 +72,13 @@ class RansacConf:
             raise ConfigError(f"ransac.max_iters: must be >= 1, got {self.max_iters}")
         if self.min_inliers < 0:
             raise ConfigError(f"ransac.min_inliers: must be >= 0, got {self.min_inliers}")
+        for key in ("evidence_low", "evidence_high"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not v >= 0:
+                raise ConfigError(f"ransac.{key}: must be a number >= 0 (inliers), got {v!r}")
+        if not self.evidence_high > self.evidence_low:
+            raise ConfigError(f"ransac.evidence_high: must be above ransac.evidence_low ({self.evidence_low:g}), "
+                              f"got {self.evidence_high:g}")
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, Any] | RansacConf | None) -> RansacConf:

@@ -55,12 +55,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from delg.config import dump_config
+from delg.config import ConfigError, dump_config
 from delg.data.images import ImageReadError
 from delg.errors import ProjectError
 from delg.io import atomic_path
 from loftr_tools.base import IDENTICAL_INLIERS, ImageRef, Verifier
 from loftr_tools.caches import FeatureCache, InlierCache, _json_safe, cache_identity, identity_hash
+from loftr_tools.expansion import ExpansionConf, expand_rankings
 from loftr_tools.ranking import floor_inliers, protocol_variants, reorder_topk, topk_rows
 from loftr_tools.ransac import RansacConf, ransac_inliers
 from loftr_tools.resize import is_oom, run_with_oom_retry
@@ -180,6 +181,7 @@ class Reranker:
         # Inlier correspondences of pairs matched in this run, so report pictures need no second match.
         self.kept_inliers: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
         self.keep_inlier_pairs = 50_000
+        self.last_counts: dict[tuple[str, str], int] = {}
 
     @staticmethod
     def default_cache_path(
@@ -405,6 +407,7 @@ class Reranker:
                 for i in r[:K, c]:
                     lst.setdefault(drefs[i].key, drefs[i])
         counts = self.score_pairs({q: list(ds.values()) for q, ds in pairs.items()})
+        self.last_counts = counts  # raw counts of the top K, for loftr_tools.expansion (no second cache read)
 
         out_r: dict[str, np.ndarray] = {}
         out_i: dict[str, np.ndarray] = {}
@@ -558,6 +561,68 @@ def write_reranked(
     return path
 
 
+def check_expansion(conf: Any) -> None:
+    """Cross-key rule of the steps beyond pairwise order: the DELG junk protocol (one ranking per protocol, junk
+    removed by ground truth before the top K) is the paper's pairwise protocol and is not combined with them."""
+    xconf = ExpansionConf.from_conf(conf.rerank)
+    if bool(conf.rerank.junk_before_rerank) and xconf.active:
+        raise ConfigError("rerank.junk_before_rerank: the DELG paper's protocol reranks pairwise; it cannot be combined "
+                          "with rerank.order=fused, rerank.qe_rounds > 0 or rerank.propagate=true (set those to "
+                          "inliers / 0 / false, or junk_before_rerank=false)")
+
+
+def expand_reranked(
+    conf: Any,
+    dataset: Any,
+    rr: Reranker,
+    ranks: np.ndarray,
+    scores: np.ndarray | None,
+    pairwise: np.ndarray,
+    query_ids: Sequence[int] | None,
+    xconf: ExpansionConf,
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """:func:`loftr_tools.expansion.expand_rankings` on a run: the reranker verifies (inlier cache shared with the
+    pairwise step), the run's global descriptors expand and search (``delg.search.global_space``).
+
+    Args:
+        ranks, scores: :math:`(R, Q)` global ranking and similarities; pairwise: :math:`(R, Q)` its pairwise
+            reranking (kept by queries without a verified hit); query_ids: dataset query of each column.
+
+    Returns:
+        ``(ranks (R, Q), inliers (K, Q), record)``: ``inliers`` holds the raw count of each of the top K rows, -1
+        where the pair was not verified; ``record`` the settings and counts for results.json.
+    """
+    from delg.search import global_space
+
+    t0 = time.time()
+    qrefs, drefs = dataset_refs(dataset)
+    qids = list(query_ids) if query_ids is not None else list(range(ranks.shape[1]))
+    space = global_space(conf, dataset)
+    col_of_key = {qrefs[q].key: c for c, q in enumerate(qids)}
+    db_of_key = {d.key: i for i, d in enumerate(drefs)}
+    counts = {(col_of_key[qk], db_of_key[dk]): n for (qk, dk), n in rr.last_counts.items() if qk in col_of_key}
+    db_of_path = {_resolved(d.path): i for i, d in enumerate(drefs)}
+    db_of_query = [db_of_path.get(_resolved(qrefs[q].path)) if qrefs[q].crop is None else None for q in qids]
+
+    def verify(todo: Mapping[int, Sequence[int]]) -> dict[tuple[int, int], int]:
+        got = rr.score_pairs({qrefs[qids[c]]: [drefs[d] for d in ds] for c, ds in todo.items()})
+        return {(c, d): got[(qrefs[qids[c]].key, drefs[d].key)] for c, ds in todo.items() for d in ds}
+
+    def verify_db(todo: Mapping[int, Sequence[int]]) -> dict[tuple[int, int], int]:
+        got = rr.score_pairs({drefs[a]: [drefs[b] for b in bs] for a, bs in todo.items()})
+        return {(a, b): got[(drefs[a].key, drefs[b].key)] for a, bs in todo.items() for b in bs}
+
+    new, counts, stats = expand_rankings(
+        ranks, scores, counts, space.queries[qids], space.db_vectors, verify, space.search, xconf, int(conf.rerank.top_k),
+        db_of_query, verify_db, pairwise)
+    K = topk_rows(int(conf.rerank.top_k), new.shape[0])
+    inliers = np.array([[counts.get((c, int(new[r, c])), -1) for c in range(new.shape[1])] for r in range(K)],
+                       dtype=np.int64).reshape(K, new.shape[1])
+    record = {**xconf.to_dict(), **stats.to_dict(), "seconds": round(time.time() - t0, 2)}
+    log.info("beyond pairwise (%s): %s", rr.verifier.name, record)
+    return new, inliers, record
+
+
 @dataclass
 class VerifierRun:
     """One configured verifier's pass over the global rankings (:func:`rerank_methods`)."""
@@ -569,6 +634,7 @@ class VerifierRun:
     reranker: Reranker | None = None  # still open with keep_open=True (report pictures); the caller closes it
     unavailable: str | None = None  # why the verifier cannot run here (skip_unavailable=True)
     seconds: float = 0.0
+    expansion: dict[str, Any] | None = None  # settings and counts of the steps beyond pairwise (results.json)
 
 
 def rerank_methods(
@@ -595,6 +661,7 @@ def rerank_methods(
     from loftr_tools.base import VerifierUnavailable
 
     rc = conf.rerank
+    check_expansion(conf)
     out: list[VerifierRun] = []
     still_open: list[Reranker] = []  # closed here on an error (a verifier's close must not run twice)
     try:
@@ -613,6 +680,10 @@ def rerank_methods(
             out.append(run)
             run.ranks, run.inliers = rr.rerank(dataset, ranks, scores, int(rc.top_k), bool(rc.junk_before_rerank),
                                                query_ids=query_ids)
+            xconf = ExpansionConf.from_conf(rc, rr.ransac)
+            if xconf.active:  # fusion, verified query expansion, propagation (loftr_tools.expansion)
+                run.ranks, run.inliers, run.expansion = expand_reranked(conf, dataset, rr, ranks, scores, run.ranks,
+                                                                        query_ids, xconf)
             run.path = write_reranked(conf.output_dir, m, run.ranks, run.inliers)
             if not keep_open:
                 still_open.remove(rr)
