@@ -238,3 +238,54 @@ def test_junk_protocol_is_not_combined_with_expansion() -> None:
     check_expansion(load_config(None, ["rerank.junk_before_rerank=true"]))  # pairwise: fine
     with pytest.raises(ConfigError, match="junk_before_rerank"):
         check_expansion(load_config(None, ["rerank.junk_before_rerank=true", "rerank.propagate=true"]))
+
+
+# ------------------------------------------------------------------------------------------- in the pipeline
+FAST = ["progress=false", "num_workers=0", "device=cpu", "extract.long_side=160", "extract.scales=[0.7071, 1.0, 1.4142]",
+        "rerank.methods=[sift]", "rerank.top_k=4", "sift.long_side=320", "report.enabled=false"]
+BEYOND = ["rerank.order=fused", "rerank.qe_rounds=1", "rerank.qe_top_k=6", "rerank.propagate=true",
+          "rerank.db_pairs_k=3", "rerank.propagate_verify=3", "sift.ransac.evidence_low=8", "sift.ransac.evidence_high=40"]
+
+
+class _NoGroundTruth:
+    def __getattr__(self, name: str):
+        raise AssertionError(f"ground truth read during reranking: .{name}")
+
+
+def test_pipeline_records_resumes_and_never_reads_ground_truth(tiny_bench, tmp_path, capsys) -> None:
+    """The tiny benchmark (cropped queries, so the graph comes from database-side pairs) through delg.retrieve: the
+    steps run, results.json records their settings and counts, a second run verifies nothing new (the inlier cache
+    answers every pair), and the reranking itself never touches the ground truth."""
+    import json
+    from dataclasses import replace
+
+    from delg.config import load_config
+    from delg.data.dataset import load_dataset
+    from delg.evaluate import evaluate
+    from delg.retrieve import main
+    from loftr_tools.rerank import rerank_methods
+
+    conf = load_config("configs/tiny.yaml", [f"output_dir={tmp_path}", f"dataset.root={tiny_bench}", *FAST, *BEYOND])
+    res = json.loads(main(conf).read_text())
+    rec = res["protocol"]["verifiers"]["sift"]["beyond_pairwise"]
+    assert rec["order"] == "fused" and rec["qe_rounds"] == 1 and rec["propagate"] is True and rec["db_pairs_k"] == 3
+    assert (rec["low"], rec["high"]) == (8.0, 40.0)  # the verifier's own evidence range
+    assert rec["queries_with_hits"] > 0 and rec["db_pairs"] > 0 and rec["qe_pairs"] > 0
+    saved = np.load(tmp_path / "ranks" / "rerank-sift.npz")
+    ranks, inl = saved["ranks"], saved["inliers"]
+    gnd = load_dataset(conf).gnd
+    assert res["methods"]["sift"] == evaluate(gnd, ranks, n_db=res["n_db"])
+    assert all(sorted(ranks[:, c]) == list(range(res["n_db"])) for c in range(ranks.shape[1]))  # permutations
+    assert inl.shape == (4, ranks.shape[1]) and (inl >= -1).all()
+    capsys.readouterr()
+
+    main(conf)  # again: every pair comes from the inlier cache
+    out = capsys.readouterr().out
+    assert " 0 matched" in out and "[sift]" in out, out
+
+    # the reranking with a dataset whose ground truth raises on any access gives the same rankings
+    dataset = load_dataset(conf)
+    g = np.load(tmp_path / "ranks" / "global.npy")
+    s = np.load(tmp_path / "ranks" / "global_scores.npy")
+    run = rerank_methods(conf, replace(dataset, gnd=_NoGroundTruth()), g, s)[0]
+    np.testing.assert_array_equal(run.ranks, ranks)
