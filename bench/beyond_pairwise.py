@@ -89,7 +89,19 @@ def medium(gnd: Any, ranks: np.ndarray, cols: list[int], n_db: int) -> dict[str,
     return evaluate(sub, ranks[:, cols], n_db=n_db)["M"]
 
 
-def bench_dataset(name: str, methods: list[str], out: Path, extra: list[str]) -> list[dict[str, Any]] | None:
+def bench_dataset(
+    name: str,
+    methods: list[str],
+    out: Path,
+    extra: list[str],
+    rows: list[tuple[str, list[str] | None]] | None = None,
+    unit_costs: dict[str, tuple[float, float]] | None = None,
+) -> list[dict[str, Any]] | None:
+    """The table rows of one dataset: ``global`` then ``rows`` (default :data:`ROWS`) for each method.
+
+    ``unit_costs``: method -> (seconds per image, seconds per pair) measured elsewhere (``bench/keypoints.py`` times
+    them on a sample, so rows answered from an existing inlier cache still get their cost); default: the means of
+    what this run prepared and matched."""
     from delg import search
     from delg.config import load_config
     from delg.data.dataset import load_dataset
@@ -122,7 +134,7 @@ def bench_dataset(name: str, methods: list[str], out: Path, extra: list[str]) ->
     out_rows = [row("global", "-", ranks, 0, 0, t_global)]
     for method in methods:
         measured: list[tuple[Any, str]] = []
-        for label, over in ROWS:
+        for label, over in rows or ROWS:
             conf = load_config("configs/demo.yaml", [*common, f"rerank.methods=[{method}]", *(over or [])])
             run = rerank_methods(conf, dataset, ranks, scores, methods=[method], skip_unavailable=True)[0]
             if run.reranker is None:
@@ -133,11 +145,13 @@ def bench_dataset(name: str, methods: list[str], out: Path, extra: list[str]) ->
         matched = sum(r.reranker.stats.matched for r, _ in measured)
         s_img = sum(r.reranker.stats.prepare_seconds for r, _ in measured) / max(prepared, 1)
         s_pair = sum(r.reranker.stats.match_seconds for r, _ in measured) / max(matched, 1)
+        if unit_costs and method in unit_costs:
+            s_img, s_pair = unit_costs[method]
         print(f"[{name}] {method}: {s_img:.3f} s per image prepared ({prepared}), {s_pair:.3f} s per pair matched "
               f"({matched})")
         for run, label in measured:
             st = run.reranker.stats
-            pairs = st.cached + st.matched + st.failed_pairs
+            pairs = st.jobs  # distinct pairs this row asks for, whether matched here or read from the cache
             rec = run.expansion or {}
             extra_s = float(rec.get("seconds", 0.0)) - float(rec.get("verify_seconds", 0.0))  # search, scoring
             out_rows.append(row(label, method, run.ranks, pairs, st.images,

@@ -112,6 +112,7 @@ class RerankStats:
     prepared: int = 0  # images prepared (feature cache misses)
     seconds: float = 0.0
     images: int = 0  # distinct images in the pairs asked for (matched or cached): what a run without cache prepares
+    jobs: int = 0  # distinct pairs asked for over all calls (matched or cached): what a run without cache matches
     prepare_seconds: float = 0.0  # of which preparing images (features)
     match_seconds: float = 0.0  # of which matching + RANSAC of the pairs matched
 
@@ -186,6 +187,7 @@ class Reranker:
         self.keep_inlier_pairs = 50_000
         self.last_counts: dict[tuple[str, str], int] = {}
         self._touched: set[str] = set()  # feature keys of every image in a pair asked for (RerankStats.images)
+        self._jobs: set[tuple[str, str]] = set()  # cache keys of every pair asked for (RerankStats.jobs)
 
     @staticmethod
     def default_cache_path(
@@ -319,7 +321,8 @@ class Reranker:
                     jobs.setdefault(key, (first, second))
         n_identical = sum(k is None for k in job_of.values())
         self._touched.update(self._feature_key(r) for pair in jobs.values() for r in pair)
-        self.stats.images = len(self._touched)
+        self._jobs.update(jobs)
+        self.stats.images, self.stats.jobs = len(self._touched), len(self._jobs)
         self.stats.pairs += len(job_of)
         self.stats.identical += n_identical
         self.stats.symmetric += len(job_of) - n_identical - len(jobs)

@@ -420,20 +420,22 @@ def test_fault_injection_with_kills(default_bench: Path, tmp_path: Path) -> None
 
 # ---------------------------------------------------------------------------------------------- real photos
 @pytest.mark.slow
-def test_lightglue_lifts_real_photos(shared_data: Path, tmp_path: Path) -> None:
-    """45 real photos of 8 landmarks + 16 distractors: DISK+LightGlue reranking of the top 20 lifts Medium mAP by
-    at least 15 points over the global EfficientNet-Lite0 GeM ranking, and beats the issue's plain implementation
-    (64.2 -> 86.2 with 1024 DISK keypoints).
-
-    1024 keypoints at 512 px (67.0 -> 87.0, 12 minutes on 2 CPU cores; every photo is also a database image, so
-    each unordered pair is matched once): 512 keypoints at 384 px reach only 78.9, 1024 at 384 px 86.0."""
-    conf = load_config("configs/demo.yaml", [
-        f"output_dir={tmp_path}", "dataset.type=folders", f"dataset.root={shared_data / 'images'}",
-        f"dataset.distractors={shared_data / 'images_distractors'}", "rerank.methods=[lightglue]", "rerank.top_k=20",
-        "lightglue.max_keypoints=1024", "lightglue.long_side=512", "progress=false", "report.enabled=false",
-        "device=cpu"])
-    res = json.loads(main(conf).read_text())
+def test_default_pipeline_reaches_92_on_real_photos(shared_data: Path, tmp_path: Path) -> None:
+    """Issue 12's target: perform_retrieval.sh with its defaults (configs/demo.yaml) on the 45 real photos of 8
+    landmarks + 16 distractors (day/night, far views) reaches Medium mAP >= 92 with DISK + LightGlue (global
+    EfficientNet-Lite0 GeM 67.0; pairwise reranking of the top 12 alone about 83; see README "Beyond pairwise
+    reranking"). Run exactly as a user would (the shell script, its default config); the report is left out to save
+    CI time (it changes no number). The whole run's time is reported by bench/beyond_pairwise.py, not asserted."""
+    cmd = ["bash", str(REPO / "perform_retrieval.sh"), "dataset.type=folders", f"dataset.root={shared_data / 'images'}",
+           f"dataset.distractors={shared_data / 'images_distractors'}", f"output_dir={tmp_path}", "progress=false",
+           "report.enabled=false"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "results.json").read_text())
     g, lg = res["methods"]["global"]["M"]["mAP"], res["methods"]["lightglue"]["M"]["mAP"]
-    assert res["n_queries"] == 45
-    assert lg - g >= 15, f"global {g:.1f} -> lightglue {lg:.1f}"
-    assert lg > 86.2, f"global {g:.1f} -> lightglue {lg:.1f}: below the plain implementation's 86.2"
+    assert res["n_queries"] == 45 and res["complete"] is True
+    assert lg >= 92.0, f"global {g:.1f} -> lightglue {lg:.1f}: below issue 12's 92"
+    assert res["methods"]["sift"]["M"]["mAP"] > g  # the second verifier of the defaults lifts too
+    rec = res["protocol"]["verifiers"]["lightglue"]["beyond_pairwise"]  # what produced it, recorded
+    assert rec["order"] == "fused" and rec["qe_rounds"] == 1 and rec["propagate"] is True
+    assert rec["queries_with_hits"] >= 40 and rec["graph_edges"] > 0
