@@ -196,6 +196,7 @@ class Rerank(Section):
     qe_top_k: PosInt
     propagate: bool
     propagation_weight: NonNegFloat
+    propagation_hops: Annotated[int, Field(ge=1, le=4)]
     propagate_verify: NonNegInt
     db_pairs_k: NonNegInt
     graph_memory_mb: PosFloat

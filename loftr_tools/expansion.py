@@ -24,7 +24,8 @@ scoring function and no ground truth:
   queries are database images too, plus optional database-side pairs: each database image against its own global
   top ``db_pairs_k``) form a graph of evidence between database images. An image ``b`` that the query reaches
   through a verified image ``a`` gets ``p(q, b) = max_a min(e(q, a), e(a, b))``: the strength of its best verified
-  path (a bottleneck, so one weak link is never outweighed by a strong one). The ``propagate_verify`` best images
+  path (a bottleneck, so one weak link is never outweighed by a strong one); with ``propagation_hops: 2`` paths may
+  run through two verified links (query -> a -> b -> c). The ``propagate_verify`` best images
   that propagation reaches and the query has not been verified against are then verified directly.
 
 A query without a verified hit (no count above ``low``) keeps its pairwise ranking. ``order: inliers`` with
@@ -63,6 +64,7 @@ class ExpansionConf:
     qe_top_k: int = 15  # candidates of the expanded query's ranking verified in each round
     propagate: bool = False  # propagation over verified pairs
     propagation_weight: float = 1.0  # weight of the propagated evidence in the fused score
+    propagation_hops: int = 1  # edges of a propagation path beyond the first verified hit
     propagate_verify: int = 10  # best images reached by propagation verified directly against the query
     db_pairs_k: int = 0  # database-side pairs: each database image verified against its global top k (0 = off)
     graph_memory_mb: float = 256.0  # memory budget of the verified graph
@@ -156,23 +158,34 @@ class VerifiedGraph:
         return self.adj.get(a, {})
 
 
-def propagate(direct: Mapping[int, float], graph: VerifiedGraph) -> dict[int, float]:
-    """Propagated evidence of one query: ``p(b) = max_a min(e(q, a), e(a, b))`` over its verified hits ``a``.
+def propagate(direct: Mapping[int, float], graph: VerifiedGraph, hops: int = 1) -> dict[int, float]:
+    """Propagated evidence of one query: the strength of its widest path to each image, ``hops`` edges at most.
+
+    With one hop ``p(b) = max_a min(e(q, a), e(a, b))`` over the query's verified hits ``a``; each further hop
+    continues from what the last one reached: ``p(b) = max(p(b), max_a min(p(a), e(a, b)))``. A path is as strong as
+    its weakest link (a bottleneck), so one weak link is never outweighed by strong ones.
 
     Args:
         direct: database index -> direct evidence ``e(q, a) > 0`` of the query's verified hits.
         graph: evidence between database images.
+        hops: path length beyond the first verified hit (1 = hits' neighbours).
 
     Returns:
-        database index -> ``p(b)`` for every image reached in one hop (the hits themselves included when they are
-        linked to each other).
+        database index -> ``p(b)`` for every image reached (the hits themselves included when linked to each other).
     """
     out: dict[int, float] = {}
-    for a, ea in direct.items():
-        for b, eab in graph.neighbours(a).items():
-            v = min(ea, eab)
-            if v > out.get(b, 0.0):
-                out[b] = v
+    frontier: Mapping[int, float] = direct
+    for _ in range(max(1, int(hops))):
+        nxt: dict[int, float] = {}
+        for a, ea in frontier.items():
+            for b, eab in graph.neighbours(a).items():
+                v = min(ea, eab)
+                if v > out.get(b, 0.0) and v > nxt.get(b, 0.0):
+                    nxt[b] = v
+        if not nxt:
+            break
+        out.update(nxt)
+        frontier = nxt
     return out
 
 
@@ -310,7 +323,7 @@ def expand_rankings(
         todo = {}
         for c in range(Q):
             direct = ev_of(c)
-            p = propagate(direct, graph)
+            p = propagate(direct, graph, conf.propagation_hops)
             own = db_of_query[c]
             p.pop(own, None) if own is not None else None
             prop[c] = p

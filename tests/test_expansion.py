@@ -289,3 +289,20 @@ def test_pipeline_records_resumes_and_never_reads_ground_truth(tiny_bench, tmp_p
     s = np.load(tmp_path / "ranks" / "global_scores.npy")
     run = rerank_methods(conf, replace(dataset, gnd=_NoGroundTruth()), g, s)[0]
     np.testing.assert_array_equal(run.ranks, ranks)
+
+
+def test_two_hop_propagation_follows_the_widest_path() -> None:
+    g = VerifiedGraph(max_edges=100)
+    g.add(1, 2, 0.9)
+    g.add(2, 3, 0.7)
+    g.add(3, 4, 1.0)
+    g.add(1, 5, 0.3)
+    g.add(5, 3, 1.0)
+    one = propagate({1: 0.8}, g, hops=1)
+    assert one == {2: 0.8, 5: 0.3}
+    two = propagate({1: 0.8}, g, hops=2)
+    # 3: via 2 min(0.8, 0.7) = 0.7 beats via 5 min(0.3, 1.0) = 0.3; 4 needs three links; the hit itself is
+    # reached back through 2 (hits linked to each other get propagated evidence too, as with one hop)
+    assert two == {2: 0.8, 5: 0.3, 3: 0.7, 1: 0.8}
+    three = propagate({1: 0.8}, g, hops=3)
+    assert three[4] == 0.7 and three[3] == 0.7
