@@ -118,8 +118,9 @@ def expand_query(q: np.ndarray, hits: np.ndarray, weights: np.ndarray) -> np.nda
 class VerifiedGraph:
     """Evidence between database images from verified pairs, within a memory budget.
 
-    ``add`` keeps every edge with evidence > 0; :meth:`prune` then keeps the strongest ``max_edges`` (each node's
-    strongest edges survive first), logging how many were dropped.
+    ``add`` keeps every edge with evidence > 0 and prunes to the strongest ``max_edges`` whenever twice that many
+    are held; :meth:`prune` does the same at the end. ``with_budget`` sets ``max_edges`` to half of what the budget
+    holds, so the graph never holds more than its budget. Dropped edges are counted and logged.
     """
 
     max_edges: int
@@ -129,7 +130,7 @@ class VerifiedGraph:
 
     @classmethod
     def with_budget(cls, memory_mb: float) -> VerifiedGraph:
-        return cls(max_edges=max(1, int(memory_mb * 2**20 // EDGE_BYTES)))
+        return cls(max_edges=max(1, int(memory_mb * 2**20 // EDGE_BYTES // 2)))
 
     def add(self, a: int, b: int, e: float) -> None:
         if a == b or e <= 0:
@@ -140,18 +141,21 @@ class VerifiedGraph:
         if old is None or e > old:
             self.adj.setdefault(a, {})[b] = float(e)
             self.adj.setdefault(b, {})[a] = float(e)
+        if self.n_edges >= 2 * self.max_edges:
+            self.prune()
 
     def prune(self) -> None:
-        """Keep at most ``max_edges`` edges: the strongest, each node's best edges first."""
+        """Keep at most ``max_edges`` edges: the strongest."""
         if self.n_edges <= self.max_edges:
             return
         edges = sorted({(min(a, b), max(a, b), e) for a, nb in self.adj.items() for b, e in nb.items()},
                        key=lambda t: -t[2])
         kept = edges[: self.max_edges]
         self.dropped += len(edges) - len(kept)
-        self.adj, self.n_edges = {}, 0
+        self.adj, self.n_edges = {}, len(kept)
         for a, b, e in kept:
-            self.add(a, b, e)
+            self.adj.setdefault(a, {})[b] = e
+            self.adj.setdefault(b, {})[a] = e
         log.warning("verified graph: %d weakest edges dropped to stay within rerank.graph_memory_mb", self.dropped)
 
     def neighbours(self, a: int) -> dict[int, float]:

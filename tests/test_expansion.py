@@ -53,7 +53,13 @@ def test_graph_keeps_the_strongest_edges_within_its_budget() -> None:
     g.prune()
     assert g.n_edges == 2 and g.dropped == 2
     assert g.neighbours(1) == {2: 0.9} and g.neighbours(3) == {2: 0.5} and g.neighbours(0) == {}
-    assert VerifiedGraph.with_budget(1).max_edges == 2**20 // 64
+    assert VerifiedGraph.with_budget(1).max_edges == 2**20 // 64 // 2  # pruned at twice that: never above 1 MB
+    small = VerifiedGraph(max_edges=3)
+    for i in range(40):  # pruned on the way, never holding 2 x max_edges edges
+        small.add(i, i + 1, (i % 7) / 7 + 0.01)
+        assert small.n_edges < 6
+    small.prune()
+    assert small.n_edges == 3 and sorted(e for nb in small.adj.values() for e in nb.values())[-1] == pytest.approx(6 / 7 + 0.01)
 
 
 def test_fused_score_formula() -> None:
