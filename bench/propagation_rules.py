@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         ex.propagate = fn
         try:
             xc = ex.ExpansionConf(**{**rc.to_dict(), "propagation_hops": hops})
-            new, _, _ = ex.expand_rankings(ranks, scores, first, space.queries, space.db_vectors, verify, space.search,
+            new, _, _ = ex.expand_rankings(ranks, first, space.queries, space.db_vectors, verify, space.search,
                                            xc, K, db_of_query, pairwise_ranks=pairwise)
         finally:
             ex.propagate = original

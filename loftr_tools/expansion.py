@@ -227,7 +227,6 @@ class ExpansionStats:
 
 def expand_rankings(
     ranks: np.ndarray,
-    scores: np.ndarray | None,
     counts: Mapping[tuple[int, int], int],
     qvecs: np.ndarray,
     db_vector: Callable[[np.ndarray], np.ndarray],
@@ -242,7 +241,7 @@ def expand_rankings(
     """Fusion, verified query expansion and propagation over the rankings of every query (see the module doc).
 
     Args:
-        ranks: (R, Q) global ranking (database indices, best first); scores: (R, Q) its similarities or ``None``.
+        ranks: (R, Q) global ranking (database indices, best first); ties of the fused score keep its order.
         counts: raw inlier counts of the pairs verified so far, ``(column, db index) -> n`` (the top K).
         qvecs: (Q, D) the queries' global descriptors (L2-normalised).
         db_vector: database indices (n,) -> their (n, D) global descriptors.
@@ -265,11 +264,12 @@ def expand_rankings(
     stats = ExpansionStats()
     kept = pairwise_ranks if pairwise_ranks is not None else ranks
 
-    def ev_of(c: int) -> dict[int, float]:
-        return {d: float(evidence(n, conf.low, conf.high)) for (cc, d), n in by_col[c].items()
-                if n < IDENTICAL_INLIERS and n > conf.low}
+    by_col: list[dict[tuple[int, int], int]] = [{} for _ in range(Q)]  # each column's verified pairs
 
-    by_col: list[dict[tuple[int, int], int]] = [{} for _ in range(Q)]
+    def ev_of(c: int) -> dict[int, float]:
+        """The column's verified hits with evidence (> low), the query's own image left out."""
+        return {d: float(evidence(n, conf.low, conf.high)) for (_, d), n in by_col[c].items()
+                if conf.low < n < IDENTICAL_INLIERS}
 
     def absorb(new: Mapping[tuple[int, int], int]) -> None:
         for (c, d), n in new.items():
@@ -329,7 +329,8 @@ def expand_rankings(
             direct = ev_of(c)
             p = propagate(direct, graph, conf.propagation_hops)
             own = db_of_query[c]
-            p.pop(own, None) if own is not None else None
+            if own is not None:
+                p.pop(own, None)  # the query's own image is not a result
             prop[c] = p
             reach = sorted((b for b in p if (c, b) not in counts), key=lambda b: -p[b])[: conf.propagate_verify]
             if reach:

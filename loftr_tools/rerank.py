@@ -589,7 +589,6 @@ def expand_reranked(
     dataset: Any,
     rr: Reranker,
     ranks: np.ndarray,
-    scores: np.ndarray | None,
     pairwise: np.ndarray,
     query_ids: Sequence[int] | None,
     xconf: ExpansionConf,
@@ -598,8 +597,8 @@ def expand_reranked(
     pairwise step), the run's global descriptors expand and search (``delg.search.global_space``).
 
     Args:
-        ranks, scores: :math:`(R, Q)` global ranking and similarities; pairwise: :math:`(R, Q)` its pairwise
-            reranking (kept by queries without a verified hit); query_ids: dataset query of each column.
+        ranks: :math:`(R, Q)` global ranking; pairwise: :math:`(R, Q)` its pairwise reranking (kept by queries
+            without a verified hit); query_ids: dataset query of each column.
 
     Returns:
         ``(ranks (R, Q), inliers (K, Q), record)``: ``inliers`` holds the raw count of each of the top K rows, -1
@@ -634,7 +633,7 @@ def expand_reranked(
         return {(a, b): got[(drefs[a].key, drefs[b].key)] for a, bs in todo.items() for b in bs}
 
     new, counts, stats = expand_rankings(
-        ranks, scores, counts, space.queries[qids], space.db_vectors, verify, space.search, xconf, int(conf.rerank.top_k),
+        ranks, counts, space.queries[qids], space.db_vectors, verify, space.search, xconf, int(conf.rerank.top_k),
         db_of_query, verify_db, pairwise)
     K = topk_rows(int(conf.rerank.top_k), new.shape[0])
     inliers = np.array([[counts.get((c, int(new[r, c])), -1) for c in range(new.shape[1])] for r in range(K)],
@@ -705,8 +704,8 @@ def rerank_methods(
                                                query_ids=query_ids)
             xconf = ExpansionConf.from_conf(rc, rr.ransac)
             if xconf.active:  # fusion, verified query expansion, propagation (loftr_tools.expansion)
-                run.ranks, run.inliers, run.expansion = expand_reranked(conf, dataset, rr, ranks, scores, run.ranks,
-                                                                        query_ids, xconf)
+                run.ranks, run.inliers, run.expansion = expand_reranked(conf, dataset, rr, ranks, run.ranks, query_ids,
+                                                                        xconf)
             run.path = write_reranked(conf.output_dir, m, run.ranks, run.inliers)
             if not keep_open:
                 still_open.remove(rr)

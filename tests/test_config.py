@@ -115,8 +115,11 @@ def test_paper_retrieval_configs_follow_the_protocol(path: Path) -> None:
     assert c.rerank.top_k == 100 and {"loftr", "lightglue"} <= set(c.rerank.methods) and c.loftr.long_side == 840
     assert c.rerank.junk_before_rerank is True
     # DELG's own local verification: affine RANSAC, 20 px, 1000 trials (its keypoints sit on a stride-16 grid)
-    assert dict(c.delg_local.ransac) | {"confidence": 0, "seed": 0} == {
-        "model": "affine", "threshold": 20.0, "max_iters": 1000, "confidence": 0, "seed": 0, "min_inliers": 0}
+    ransac = dict(c.delg_local.ransac)
+    assert {k: ransac[k] for k in ("model", "threshold", "max_iters", "min_inliers")} == {
+        "model": "affine", "threshold": 20.0, "max_iters": 1000, "min_inliers": 0}
+    # the DELG paper reranks pairwise: none of the steps beyond pairwise order (which its junk protocol refuses)
+    assert c.rerank.order == "inliers" and c.rerank.qe_rounds == 0 and c.rerank.propagate is False
     assert ("_r1m" in path.name) == bool(c.dataset.distractors)
     # exact search over the whole database, as revisitop evaluates (a cut at 1000 rows lowered mAP; IVF-PQ is
     # approximate), with and without the 1M distractors

@@ -125,7 +125,7 @@ def test_query_without_a_verified_hit_keeps_its_pairwise_ranking() -> None:
     inl = np.array([[12, 25, 0, 3]])  # nothing above low = 30
     ranks, scores, counts, pairwise, oracle, search = _setup(X, Q, inl, K=2)
     conf = ExpansionConf(order="fused", qe_rounds=1, propagate=True)
-    new, _, stats = expand_rankings(ranks, scores, counts, Q, lambda i: X[i], oracle, search, conf, 2, [None],
+    new, _, stats = expand_rankings(ranks, counts, Q, lambda i: X[i], oracle, search, conf, 2, [None],
                                     pairwise_ranks=pairwise)
     np.testing.assert_array_equal(new, pairwise)
     assert pairwise[0, 0] == 1  # (25 inliers beat 12: the pairwise order, not the global one)
@@ -141,7 +141,7 @@ def test_verified_query_expansion_verifies_and_lifts_a_candidate_below_k() -> No
     ranks, scores, counts, pairwise, oracle, search = _setup(X, Q, inl, K=2)
     assert list(ranks[:, 0]) == [0, 1, 3, 2]  # db 3 is third globally, outside the top K = 2
     conf = ExpansionConf(order="fused", qe_rounds=1, qe_top_k=2, global_weight=0.1, low=30, high=80)
-    new, out_counts, stats = expand_rankings(ranks, scores, counts, Q, lambda i: X[i], oracle, search, conf, 2,
+    new, out_counts, stats = expand_rankings(ranks, counts, Q, lambda i: X[i], oracle, search, conf, 2,
                                              [None], pairwise_ranks=pairwise)
     # expanded query = normalise(q + 1.0 * x0) ranks db 0 then db 3 (similarities 0.98, 0.88, then db 1 0.80, db 2
     # 0.73, by hand): db 3 is verified (60 inliers, evidence 0.6) and, in the fused order, ranks second
@@ -149,7 +149,7 @@ def test_verified_query_expansion_verifies_and_lifts_a_candidate_below_k() -> No
     assert list(new[:, 0]) == [0, 3, 1, 2]
     assert out_counts[(0, 3)] == 60
     # pure inlier order with the same expansion: counts decide (120 > 60 > unverified), the expanded query next
-    new_i, _, _ = expand_rankings(ranks, scores, counts, Q, lambda i: X[i], Oracle(inl), search,
+    new_i, _, _ = expand_rankings(ranks, counts, Q, lambda i: X[i], Oracle(inl), search,
                                   ExpansionConf(order="inliers", qe_rounds=1, qe_top_k=2), 2, [None], pairwise_ranks=pairwise)
     assert list(new_i[:, 0]) == [0, 3, 1, 2]
 
@@ -165,7 +165,7 @@ def test_propagation_lifts_an_image_reached_through_a_verified_hit() -> None:
     ranks, scores, counts, pairwise, oracle, search = _setup(X, Q, inl, K=4)
     assert list(ranks[:, 0]) == [0, 1, 3, 2]
     conf = ExpansionConf(order="fused", propagate=True, propagation_weight=1.0, propagate_verify=5, low=30, high=80)
-    new, _, stats = expand_rankings(ranks, scores, counts, Q, lambda i: X[i], oracle, search, conf, 4, [0, 1],
+    new, _, stats = expand_rankings(ranks, counts, Q, lambda i: X[i], oracle, search, conf, 4, [0, 1],
                                     pairwise_ranks=pairwise)
     # query 0: db 2 reached via db 1: min(e(0,1) = 1, e(1,2) = 0.4) = 0.4 > the distractor's 0 + 0.1 * similarity
     assert list(new[:, 0]) == [0, 1, 2, 3]
@@ -175,7 +175,7 @@ def test_propagation_lifts_an_image_reached_through_a_verified_hit() -> None:
     # K = 3: db 2 is outside query 0's top K (pairwise reranking keeps the distractor above it), inside query 1's
     ranks2, scores2, counts2, pairwise2, oracle2, search2 = _setup(X, Q, inl, K=3)
     assert list(ranks2[:, 1]) == [1, 0, 2, 3] and (0, 2) not in counts2
-    new2, _, stats2 = expand_rankings(ranks2, scores2, counts2, Q, lambda i: X[i], oracle2, search2, conf, 3, [0, 1],
+    new2, _, stats2 = expand_rankings(ranks2, counts2, Q, lambda i: X[i], oracle2, search2, conf, 3, [0, 1],
                                       pairwise_ranks=pairwise2)
     assert list(pairwise2[:, 0]) == [0, 1, 3, 2]
     assert list(new2[:, 0]) == [0, 1, 2, 3]  # propagation reached db 2 and verified it directly
@@ -192,7 +192,7 @@ def test_database_side_pairs_give_edges_when_queries_are_not_database_images() -
     ranks, scores, counts, pairwise, oracle, search = _setup(X, Q, inl, K=2)
     oracle.db_inl = db_inl
     conf = ExpansionConf(order="fused", propagate=True, propagate_verify=0, db_pairs_k=3, low=30, high=80)
-    new, _, stats = expand_rankings(ranks, scores, counts, Q, lambda i: X[i], oracle, search, conf, 2, [None],
+    new, _, stats = expand_rankings(ranks, counts, Q, lambda i: X[i], oracle, search, conf, 2, [None],
                                     verify_db=oracle.db, pairwise_ranks=pairwise)
     assert {a for a, _ in oracle.asked_db} == {0} and stats.db_pairs == 3  # only the query's verified hit
     assert new[1, 0] == 3  # db 3 reached through db 0 (min(1, 1) = 1): second

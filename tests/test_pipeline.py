@@ -209,9 +209,12 @@ def test_search_with_a_new_photo(tiny_run: Path, tiny_bench: Path, capsys: pytes
 # ---------------------------------------------------------------------------------------------- fault injection
 # The default pipeline (configs/demo.yaml: extraction, global search, DISK+LightGlue and SIFT reranking, evaluation,
 # report) on a copy of the default embedded benchmark, with sizes cut so that it fits a few minutes on 2 CPU cores.
+# pairwise reranking: the kills are counted in pairs of the top K (resuming the steps beyond pairwise through the
+# same inlier cache is tested in tests/test_expansion.py)
 FAULT_ARGS = ["progress=false", "num_workers=0", "device=cpu", "extract.long_side=160",
               "extract.scales=[0.7071, 1.0, 1.4142]", "rerank.methods=[lightglue, sift]", "rerank.top_k=8",
-              "lightglue.long_side=192", "lightglue.max_keypoints=128", "sift.long_side=320", "report.max_queries=3"]
+              "lightglue.long_side=192", "lightglue.max_keypoints=128", "sift.long_side=320", "report.max_queries=3",
+              "rerank.order=inliers", "rerank.qe_rounds=0", "rerank.propagate=false"]
 RUNNER = """
 import os, sys, time
 from pathlib import Path

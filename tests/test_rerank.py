@@ -342,7 +342,8 @@ def test_each_verifier_s_ransac_settings_reach_ransac_inliers(monkeypatch: pytes
     conf = load_config(None, ["sift.ransac.model=affine", "sift.ransac.threshold=12", "sift.ransac.max_iters=500",
                               "sift.ransac.min_inliers=11", "device=cpu", "rerank.cache=false"])
     rr = rr_mod.open_reranker(conf, _dataset(2, 6), "sift")
-    assert rr.ransac == RansacConf(model="affine", threshold=12.0, max_iters=500, min_inliers=11)
+    assert rr.ransac == RansacConf(model="affine", threshold=12.0, max_iters=500, min_inliers=11,
+                                   evidence_low=conf.sift.ransac.evidence_low, evidence_high=conf.sift.ransac.evidence_high)
     rr.close()
     # A verifier carrying its section's RANSAC mapping is scored with it (no ransac= given to the reranker); raw
     # counts are cached and the section's min_inliers floors them when reranking.
