@@ -341,6 +341,20 @@ class DatabaseIndex:
         """``flat``, ``ivfpq`` or ``ivfpq+refine``: what was built (ivfpq falls back to flat on tiny databases)."""
         return index_kind(self.cpu_index)
 
+    def allow_reconstruct(self) -> None:
+        """Let :meth:`vectors` read stored vectors back (an IVF index does so by id only with a direct map)."""
+        ivf = _ivf(self.cpu_index)
+        if ivf is not None:
+            ivf.make_direct_map()
+
+    def vectors(self, ids: np.ndarray) -> np.ndarray:
+        """Dataset db indices (any shape, images with features) -> ``ids.shape + (D,)`` vectors as the index holds
+        them (exact for flat, the 8-bit copy with ``search.refine``, PQ-decoded for plain IVF-PQ; DBA vectors with
+        DBA); call :meth:`allow_reconstruct` first."""
+        ids = np.asarray(ids, np.int64)
+        rows = ids if len(self.present) == self.n_db else np.searchsorted(self.present, ids)
+        return _reconstruct(self.cpu_index, rows)
+
     def set_search_params(self, nprobe: int, refine: float) -> None:
         """The search-time settings of IVF-PQ (lists probed) and of its re-scoring (``refine * k`` candidates), on
         the searching copy and the saved one alike; they are not part of the index, so a cached index gets them too.
@@ -608,9 +622,7 @@ def rank(db: DatabaseIndex, queries: np.ndarray, conf: Config) -> tuple[np.ndarr
     qe_k = int(sc.qe_k or 0)
     sg_m = superglobal_m(conf, len(db.present))
     if qe_k > 0 or sg_m > 0:
-        ivf = _ivf(db.cpu_index)
-        if ivf is not None:
-            ivf.make_direct_map()  # IVF reconstructs stored vectors by id only with a direct map
+        db.allow_reconstruct()
     if qe_k > 0:
         k = min(qe_k, len(db.present))
         sims, ix = db.knn(queries, k, chunk, db_chunk)
@@ -633,13 +645,10 @@ def _superglobal(
     from delg.global_rerank import rerank_column
 
     new_ids, new_sc = np.empty_like(ids), np.empty_like(scores)
-    full = len(db.present) == db.n_db  # index rows are the db indices
     for j in range(len(ids)):
         top = ids[j, :m]
         top = top[np.isfinite(scores[j, :m])]  # rows without features / not found by IVF rank last: never candidates
-        rows = top if full else np.searchsorted(db.present, top)
-        cands = _reconstruct(db.cpu_index, rows)
-        new_ids[j], new_sc[j] = rerank_column(queries[j], cands, ids[j], scores[j], k, beta)
+        new_ids[j], new_sc[j] = rerank_column(queries[j], db.vectors(top), ids[j], scores[j], k, beta)
     return new_ids, new_sc
 
 
@@ -654,9 +663,7 @@ class GlobalSpace:
 
     def db_vectors(self, ids: np.ndarray) -> np.ndarray:
         """(n,) dataset db indices (with features) -> (n, D) vectors as the index holds them (DBA vectors with DBA)."""
-        ids = np.asarray(ids, np.int64)
-        rows = ids if len(self.db.present) == self.db.n_db else np.searchsorted(self.db.present, ids)
-        return _reconstruct(self.db.cpu_index, rows)
+        return self.db.vectors(ids)
 
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(n, D) -> ``sims`` (n, k) and dataset db indices (n, k) (-1 where fewer were found)."""
@@ -668,9 +675,7 @@ class GlobalSpace:
 def global_space(conf: Config, dataset: Any) -> GlobalSpace:
     """:class:`GlobalSpace` of a run whose features exist (the index is loaded, or built, as the search does)."""
     db = get_index(conf, dataset)
-    ivf = _ivf(db.cpu_index)
-    if ivf is not None:
-        ivf.make_direct_map()  # IVF reconstructs stored vectors by id only with a direct map
+    db.allow_reconstruct()
     db.set_search_params(int(conf.search.nprobe), float(conf.search.refine or 0))
     return GlobalSpace(db, query_vectors(conf, dataset))
 

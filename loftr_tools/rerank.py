@@ -592,9 +592,11 @@ def expand_reranked(
     pairwise: np.ndarray,
     query_ids: Sequence[int] | None,
     xconf: ExpansionConf,
+    space: Any,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """:func:`loftr_tools.expansion.expand_rankings` on a run: the reranker verifies (inlier cache shared with the
-    pairwise step), the run's global descriptors expand and search (``delg.search.global_space``).
+    pairwise step), the run's global descriptors (``space``: :func:`delg.search.global_space`, read once for every
+    verifier) expand and search.
 
     Args:
         ranks: :math:`(R, Q)` global ranking; pairwise: :math:`(R, Q)` its pairwise reranking (kept by queries
@@ -604,12 +606,9 @@ def expand_reranked(
         ``(ranks (R, Q), inliers (K, Q), record)``: ``inliers`` holds the raw count of each of the top K rows, -1
         where the pair was not verified; ``record`` the settings and counts for results.json.
     """
-    from delg.search import global_space
-
     t0 = time.time()
     qrefs, drefs = dataset_refs(dataset)
     qids = list(query_ids) if query_ids is not None else list(range(ranks.shape[1]))
-    space = global_space(conf, dataset)
     col_of_key = {qrefs[q].key: c for c, q in enumerate(qids)}
     db_of_key = {d.key: i for i, d in enumerate(drefs)}
     counts = {(col_of_key[qk], db_of_key[dk]): n for (qk, dk), n in rr.last_counts.items() if qk in col_of_key}
@@ -684,6 +683,7 @@ def rerank_methods(
 
     rc = conf.rerank
     check_expansion(conf)
+    space = None  # the run's global descriptors, read when the first verifier goes beyond pairwise order
     out: list[VerifierRun] = []
     still_open: list[Reranker] = []  # closed here on an error (a verifier's close must not run twice)
     try:
@@ -704,8 +704,12 @@ def rerank_methods(
                                                query_ids=query_ids)
             xconf = ExpansionConf.from_conf(rc, rr.ransac)
             if xconf.active:  # fusion, verified query expansion, propagation (loftr_tools.expansion)
+                if space is None:
+                    from delg.search import global_space
+
+                    space = global_space(conf, dataset)
                 run.ranks, run.inliers, run.expansion = expand_reranked(conf, dataset, rr, ranks, run.ranks, query_ids,
-                                                                        xconf)
+                                                                        xconf, space)
             run.path = write_reranked(conf.output_dir, m, run.ranks, run.inliers)
             if not keep_open:
                 still_open.remove(rr)

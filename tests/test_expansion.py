@@ -312,3 +312,14 @@ def test_two_hop_propagation_follows_the_widest_path() -> None:
     assert two == {2: 0.8, 5: 0.3, 3: 0.7, 1: 0.8}
     three = propagate({1: 0.8}, g, hops=3)
     assert three[4] == 0.7 and three[3] == 0.7
+
+
+def test_expansion_conf_defaults_are_the_yaml_defaults() -> None:
+    """The dataclass defaults (bare calls, tests) are those of delg/conf/rerank.yaml: one meaning for each key."""
+    from delg.config import load_config
+
+    rc = load_config(None).rerank
+    bare = ExpansionConf()
+    for key in ExpansionConf.__dataclass_fields__:
+        if key not in ("low", "high"):  # the verifier's own, from <section>.ransac
+            assert getattr(bare, key) == rc[key], key
